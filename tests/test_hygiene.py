@@ -1,0 +1,43 @@
+"""Repository invariants: notebooks are well-formed lessons, and the package imports without the dev tools."""
+import json, re, subprocess, sys
+from configparser import ConfigParser
+from pathlib import Path
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT/'nbs').glob('[0-9]*.ipynb'))
+SETTINGS = ConfigParser(); SETTINGS.read(ROOT/'settings.ini')
+S = SETTINGS['DEFAULT']
+
+def cells(nb_path): return json.loads(nb_path.read_text())['cells']
+
+@pytest.mark.parametrize('nb', NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_is_a_lesson(nb):
+    cs = cells(nb)
+    assert all('id' in c for c in cs), 'cells need ids: run nbdev_clean'
+    assert cs[0]['cell_type'] == 'markdown' and ''.join(cs[0]['source']).startswith('# '), 'first cell: the title'
+    assert '\n> ' in ''.join(cs[0]['source']), 'the title cell carries a one-line summary'
+    badge = f"https://colab.research.google.com/github/{S['user']}/{S['repo']}/blob/{S['branch']}/nbs/{nb.name}"
+    assert any(badge in ''.join(c['source']) for c in cs[:3]), f'Open-in-Colab badge must point at {badge}'
+    stem = nb.stem.split('_', 1)[1]
+    assert any(''.join(c['source']).strip() == f'#| default_exp {stem}' for c in cs), f'default_exp must be {stem}'
+    assert sum(1 for c in cs if c['cell_type'] == 'markdown') >= 3, 'prose that explains the why'
+
+@pytest.mark.parametrize('nb', NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_keeps_colab_gpu_metadata(nb):
+    meta = json.loads(nb.read_text())['metadata']
+    assert meta.get('accelerator') == 'GPU' and 'colab' in meta
+
+def test_package_imports_without_dev_tools():
+    code = ("import sys, importlib, pkgutil, qlora_nb\n"
+            "for m in pkgutil.iter_modules(qlora_nb.__path__):\n"
+            "    if not m.name.startswith('_'): importlib.import_module('qlora_nb.' + m.name)\n"
+            "bad = [m for m in ('nbdev', 'fastcore', 'execnb') if m in sys.modules]\n"
+            "assert not bad, bad\n")
+    subprocess.run([sys.executable, '-c', code], check=True, cwd=ROOT/'tests')
+
+def test_runtime_requirements_leave_out_dev_pins():
+    reqs = S['requirements'].split()
+    assert not any(r.startswith(('nbdev', 'fastcore', 'execnb')) for r in reqs)
+    for needed in ('torch', 'transformers', 'peft', 'bitsandbytes', 'datasets', 'accelerate', 'ipywidgets', 'matplotlib'):
+        assert any(re.match(needed + r'\b', r) for r in reqs), needed

@@ -1,0 +1,104 @@
+"""Step 6 on the embedded default: the main job learns, a NaN stops it, checkpoints are sealed and resume exactly."""
+import json, os, subprocess, sys, textwrap
+from pathlib import Path
+import pytest, torch
+from safetensors.torch import load_file
+
+from qlora_nb.config import get_config
+from qlora_nb.training import (train, find_checkpoint, verify_checkpoint, checkpoints, write_manifest,
+                               check_resume_compatible, NonFiniteError, MANIFEST)
+
+ENV = {**os.environ, 'HF_HUB_OFFLINE': '1', 'PYTHONUNBUFFERED': '1'}
+ENV.pop('IN_TEST', None)
+
+def test_main_job_learns_the_task(tmp_path):
+    "The command line's main job: held-out loss halves, and held-out answers go from under 10% to at least 80% right."
+    out = tmp_path/'run'
+    done = subprocess.run([Path(sys.executable).parent/'qlora-nb', 'train', '--preset', 'tiny', '--output-dir', str(out)],
+                          env=ENV, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    m = json.loads((out/'metrics.json').read_text())
+    print({k: m[k] for k in ('eval_loss_before', 'eval_loss_after', 'accuracy_before', 'accuracy_after', 'wall_seconds')})
+    assert m['eval_loss_after'] <= 0.5 * m['eval_loss_before']
+    assert m['accuracy_before'] < 0.10
+    assert m['accuracy_after'] >= 0.80
+    assert (out/'adapter'/'adapter_model.safetensors').is_file() and (out/'training.png').stat().st_size > 10_000
+    for step in ('[1/5]', '[2/5]', '[3/5]', '[4/5]', '[5/5]'): assert step in done.stdout
+
+RUN = textwrap.dedent('''
+    import os, sys
+    from transformers import TrainerCallback
+    from safetensors.torch import save_file
+    from qlora_nb.config import get_config
+    from qlora_nb.training import train
+    out, kill_at, resume, r = sys.argv[1], int(sys.argv[2]), sys.argv[3] == '1', int(sys.argv[4])
+    cfg = get_config('tiny', max_steps=12, save_steps=4, eval_steps=1000, logging_steps=2, micro_batch=8, dropout=0.1, r=r)
+    class Kill(TrainerCallback):
+        def on_save(self, args, state, control, **kw):
+            if state.global_step == kill_at: os._exit(17)   # like a SIGKILL: no cleanup runs
+    class Seen(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw): pass
+    trainer = train(cfg, out, resume=resume, before_training=lambda t: t.add_callback(Kill()))
+    save_file({n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}, out + '/final.safetensors')
+''')
+
+def run(out, kill_at=0, resume=False, r=16):
+    return subprocess.run([sys.executable, '-c', RUN, str(out), str(kill_at), '1' if resume else '0', str(r)],
+                          env=ENV, capture_output=True, text=True, timeout=600)
+
+def test_resume_after_a_kill_is_bitwise_exact(tmp_path):
+    whole = run(tmp_path/'whole'); assert whole.returncode == 0, whole.stderr[-3000:]
+    killed = run(tmp_path/'split', kill_at=8); assert killed.returncode == 17, killed.stderr[-3000:]
+    assert [c.name for c in checkpoints(tmp_path/'split')] == ['checkpoint-4', 'checkpoint-8']
+    # the process died inside on_save of step 8, after the seal: checkpoint 8 is complete
+    assert find_checkpoint(tmp_path/'split').name == 'checkpoint-8'
+    resumed = run(tmp_path/'split', resume=True); assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = load_file(tmp_path/'whole'/'final.safetensors'), load_file(tmp_path/'split'/'final.safetensors')
+    assert a.keys() == b.keys() and len(a) > 0
+    assert all(torch.equal(a[k], b[k]) for k in a), 'resumed adapter differs from the uninterrupted one'
+    state = lambda p: json.loads((p/'checkpoint-12'/'trainer_state.json').read_text())['log_history']
+    strip = lambda h: [{k: v for k, v in e.items() if 'runtime' not in k and 'per_second' not in k} for e in h if 'loss' in e]
+    assert strip(state(tmp_path/'whole')) == strip(state(tmp_path/'split')), 'the logged losses and learning rates differ'
+
+def test_half_written_checkpoint_is_never_resumed(tmp_path):
+    killed = run(tmp_path, kill_at=8); assert killed.returncode == 17
+    newest = tmp_path/'checkpoint-8'
+    (newest/MANIFEST).unlink()                      # as if the process died before the seal
+    with open(newest/'adapter_model.safetensors', 'r+b') as f: f.truncate(100)
+    assert find_checkpoint(tmp_path, verbose=False).name == 'checkpoint-4'
+    assert not newest.exists() and list(tmp_path.glob('checkpoint-8.incomplete-*'))   # set aside, not deleted
+
+def test_resume_refuses_a_changed_adapter(tmp_path):
+    killed = run(tmp_path, kill_at=4); assert killed.returncode == 17
+    changed = run(tmp_path, resume=True, r=8)
+    assert changed.returncode != 0 and 'the LoRA adapter changed' in changed.stderr and "r: checkpoint 16, now 8" in changed.stderr
+
+def test_a_folder_that_is_not_a_checkpoint(tmp_path):
+    from qlora_nb.loading import load_model
+    from qlora_nb.peft_model import create_peft_model
+    cfg = get_config('tiny')
+    model = create_peft_model(load_model(cfg), cfg)
+    with pytest.raises(ValueError, match='is not a training checkpoint'): check_resume_compatible(tmp_path, model)
+    with pytest.raises(FileNotFoundError, match='No checkpoint folder'): check_resume_compatible(tmp_path/'nope', model)
+    with pytest.raises(FileNotFoundError, match='No verified checkpoint'): train(cfg, str(tmp_path), resume=True)
+
+def test_existing_run_is_not_overwritten(tmp_path):
+    (tmp_path/'checkpoint-5').mkdir()
+    with pytest.raises(FileExistsError, match='resume=True'): train(get_config('tiny'), str(tmp_path))
+
+def test_nan_stops_training_and_keeps_the_last_checkpoint(tmp_path):
+    from qlora_nb.loading import load_model, load_tokenizer
+    from qlora_nb.peft_model import create_peft_model
+    cfg = get_config('tiny', max_steps=8, save_steps=2, eval_steps=1000, logging_steps=1)
+    tok = load_tokenizer(cfg, verbose=False)
+    model = create_peft_model(load_model(cfg, tok), cfg)
+    layer = model.base_model.model.model.layers[1].mlp
+    state = {}
+    layer.register_forward_hook(lambda m, i, o: o * float('nan') if state['t'].state.global_step == 4 else o)
+    with pytest.raises(NonFiniteError, match='at step 5'):
+        train(cfg, str(tmp_path), model=model, tokenizer=tok, before_training=lambda t: state.update(t=t))
+    assert [c.name for c in checkpoints(tmp_path)] == ['checkpoint-2', 'checkpoint-4']
+    assert all(verify_checkpoint(c) is None for c in checkpoints(tmp_path))
+    saved = load_file(tmp_path/'checkpoint-4'/'adapter_model.safetensors')
+    assert all(torch.isfinite(t).all() for t in saved.values())
+    assert all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad)

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['parse_overrides', 'run_workflow', 'build_parser', 'config_from_args', 'main']
 
-# %% ../nbs/13_cli.ipynb #1c543baf
+# %% ../nbs/13_cli.ipynb #046b1b04
 import sys, json, time, argparse
 from pathlib import Path
 
@@ -14,7 +14,7 @@ import yaml
 from .core import manifest, seed_everything, has_cuda
 from .config import QLoRAConfig, TINY_DATASET, get_config, load_config, save_config, to_dict, update, PRESETS
 
-# %% ../nbs/13_cli.ipynb #5418864f
+# %% ../nbs/13_cli.ipynb #2da50ec7
 def parse_overrides(pairs: list) -> dict:
     "['r=32', 'target_modules=[q_proj, v_proj]'] -> {'r': 32, 'target_modules': ['q_proj', 'v_proj']} (values read as YAML)."
     out = {}
@@ -24,7 +24,7 @@ def parse_overrides(pairs: list) -> dict:
         out[key.strip()] = yaml.safe_load(value)
     return out
 
-# %% ../nbs/13_cli.ipynb #4833d0f1
+# %% ../nbs/13_cli.ipynb #83b9bbb8
 def run_workflow(cfg: QLoRAConfig, output_dir: str | None = None, resume: bool = False, live: bool | None = None) -> dict:
     "Steps 1 to 7 for `cfg`: train, evaluate before and after, save the adapter, the figure and metrics.json."
     from qlora_nb.loading import load_model, load_tokenizer
@@ -53,10 +53,15 @@ def run_workflow(cfg: QLoRAConfig, output_dir: str | None = None, resume: bool =
     adapter = save_adapter(model, tokenizer, out/'adapter', cfg=cfg, metrics={k: v for k, v in metrics.items() if k not in ('config', 'manifest')})
     print(f"[4/5] adapter saved to {adapter}")
     monitor.save(out/'training.png')
+    from qlora_nb.memory import estimate_memory
+    import torch
+    metrics.update(predicted_gpu_peak_gib=round(estimate_memory(model.config, cfg).peak / 2**30, 3),
+                   measured_gpu_peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3) if has_cuda() else None)
     metrics.update(steps=trainer.state.global_step, train_seconds=round(trainer.monitor_train_seconds, 1),
                    wall_seconds=round(time.time() - start, 1), peak_memory_gib=max(max(m.values()) for _, m in monitor.memory),
                    history=dict(step_loss=list(zip(monitor.steps, monitor.step_loss)), evals=monitor.evals))
     (out/'metrics.json').write_text(json.dumps(metrics, indent=1, default=str))
+    if has_cuda(): print(f"      peak GPU memory {metrics['measured_gpu_peak_gib']:.2f} GiB measured, {metrics['predicted_gpu_peak_gib']:.2f} GiB predicted")
     print(f"[5/5] wrote {out/'metrics.json'} and {out/'training.png'} in {metrics['wall_seconds']:.0f} s")
     return metrics
 
@@ -67,7 +72,7 @@ def _measure(trainer, model, tokenizer, pairs, when) -> dict:
     if pairs: m[f'accuracy_{when}'] = answer_accuracy(model, tokenizer, pairs)
     return m
 
-# %% ../nbs/13_cli.ipynb #4036fabb
+# %% ../nbs/13_cli.ipynb #d69b3c28
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='qlora-nb', description='QLoRA fine-tuning, steps 1 to 7, from a configuration.')
     sub = p.add_subparsers(dest='command', required=True)

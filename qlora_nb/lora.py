@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['linear_modules', 'resolve_target_modules', 'lora_config', 'lora_parameter_count']
 
-# %% ../nbs/05_lora.ipynb #d51043cf
+# %% ../nbs/05_lora.ipynb #56d3fc59
 import re
 from collections import Counter
 
@@ -14,7 +14,7 @@ from peft import LoraConfig
 
 from .config import QLoRAConfig, validate
 
-# %% ../nbs/05_lora.ipynb #b5343198
+# %% ../nbs/05_lora.ipynb #862dff65
 def linear_modules(model: nn.Module) -> dict:
     "Full name -> module for every linear layer (4-bit or not) that LoRA can adapt; the output layer is left out."
     import bitsandbytes as bnb
@@ -40,14 +40,14 @@ def resolve_target_modules(model: nn.Module, targets: str | list) -> list:
                          f"Its linear layers are: {', '.join(suffixes)} (or use 'all-linear').")
     return sorted(set(targets))
 
-# %% ../nbs/05_lora.ipynb #df70d2d7
+# %% ../nbs/05_lora.ipynb #6fd80679
 def lora_config(cfg: QLoRAConfig, model: nn.Module) -> LoraConfig:
     "peft's `LoraConfig` for `cfg`, with target modules resolved against `model`."
     validate(cfg)
     return LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias=cfg.bias,
                       target_modules=resolve_target_modules(model, cfg.target_modules), task_type='CAUSAL_LM')
 
-# %% ../nbs/05_lora.ipynb #35d047cb
+# %% ../nbs/05_lora.ipynb #b56ed3a4
 def lora_parameter_count(model: nn.Module, targets: str | list, r: int) -> int:
     "Parameters that LoRA with rank `r` on `targets` adds to `model`."
     chosen = resolve_target_modules(model, targets)

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['quantization_error', 'bnb_config']
 
-# %% ../nbs/02_quantization.ipynb #bf9018de
+# %% ../nbs/02_quantization.ipynb #2ff4478f
 import torch
 import bitsandbytes.functional as bnbF
 from transformers import BitsAndBytesConfig
@@ -13,7 +13,7 @@ from transformers import BitsAndBytesConfig
 from .core import choose_precision, DTYPES, Precision
 from .config import QLoRAConfig, validate
 
-# %% ../nbs/02_quantization.ipynb #22b11fe3
+# %% ../nbs/02_quantization.ipynb #c1f91e1b
 def quantization_error(weights: torch.Tensor, quant_type: str = 'nf4', double_quant: bool = True,
                        blocksize: int = 64) -> dict:
     "Quantize `weights` to 4 bits with bitsandbytes, dequantize, and report the error and the bits used per weight."
@@ -26,7 +26,7 @@ def quantization_error(weights: torch.Tensor, quant_type: str = 'nf4', double_qu
     return dict(quant_type=quant_type, double_quant=double_quant, mse=err.pow(2).mean().item(),
                 mean_abs_error=err.abs().mean().item(), bits_per_weight=bits)
 
-# %% ../nbs/02_quantization.ipynb #c1d148bb
+# %% ../nbs/02_quantization.ipynb #584d2f25
 def bnb_config(cfg: QLoRAConfig, precision: Precision | None = None) -> BitsAndBytesConfig:
     "The `BitsAndBytesConfig` for 4-bit loading described by `cfg`."
     validate(cfg)

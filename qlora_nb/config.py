@@ -7,7 +7,7 @@ __all__ = ['TINY_MODEL', 'TINY_DATASET', 'QUANT_TYPES', 'COMPUTE_DTYPES', 'STORA
            'SCHEDULERS', 'PRESETS', 'QLoRAConfig', 'ConfigError', 'problems', 'validate', 'default_preset',
            'get_config', 'update', 'to_dict', 'from_dict', 'save_config', 'load_config']
 
-# %% ../nbs/01_config.ipynb #4f69559a
+# %% ../nbs/01_config.ipynb #db18a2c6
 import os, json, difflib
 from dataclasses import dataclass, field, fields, asdict, replace
 from pathlib import Path
@@ -16,7 +16,7 @@ import yaml
 
 from .core import has_cuda, DTYPES
 
-# %% ../nbs/01_config.ipynb #510c29d5
+# %% ../nbs/01_config.ipynb #1b774c76
 TINY_MODEL = 'qlora_nb/tiny-llama'   # built from a config on first use; no download
 TINY_DATASET = 'qlora_nb/reverse-words'  # ships inside the package
 
@@ -39,7 +39,7 @@ class QLoRAConfig:
     target_modules: str | list = 'all-linear'
     # data
     dataset: str = TINY_DATASET        # a Hub id, a local json/jsonl/csv/parquet file, or the embedded dataset
-    dataset_format: str = 'auto'       # 'auto', 'instruction', 'chat' or 'text'
+    dataset_format: str = 'auto'       # 'auto', 'instruction', 'completion', 'chat' or 'text'
     columns: dict = field(default_factory=dict)  # rename map, e.g. {'instruction': 'question', 'output': 'answer'}
     train_on_prompt: bool = False      # False: the loss covers the responses only
     max_length: int = 512
@@ -69,7 +69,7 @@ class QLoRAConfig:
         "Examples per optimizer step."
         return self.micro_batch * self.grad_accum
 
-# %% ../nbs/01_config.ipynb #c530b157
+# %% ../nbs/01_config.ipynb #7b8a3a0b
 class ConfigError(ValueError):
     "A configuration that cannot run; the message lists each problem."
 
@@ -77,7 +77,7 @@ QUANT_TYPES = ('nf4', 'fp4')
 COMPUTE_DTYPES = ('auto', *DTYPES)
 STORAGE_DTYPES = ('uint8', *DTYPES)
 BIASES = ('none', 'all', 'lora_only')
-FORMATS = ('auto', 'instruction', 'chat', 'text')
+FORMATS = ('auto', 'instruction', 'completion', 'chat', 'text')
 OPTIMIZERS = ('auto', 'paged_adamw_8bit', 'paged_adamw_32bit', 'adamw_8bit', 'adamw_torch', 'adamw_torch_fused', 'sgd')
 SCHEDULERS = ('cosine', 'linear', 'constant', 'constant_with_warmup')
 
@@ -92,7 +92,7 @@ def _positive(name, value, kind=(int, float)):
         return [f"{name}={value!r} must be a number above 0."]
     return []
 
-# %% ../nbs/01_config.ipynb #980d24ac
+# %% ../nbs/01_config.ipynb #de2d27c0
 def problems(cfg: QLoRAConfig) -> list:
     "Every problem with `cfg`, each a sentence naming the field and the fix; empty when it can run."
     p = []
@@ -133,12 +133,12 @@ def validate(cfg: QLoRAConfig) -> QLoRAConfig:
     if found: raise ConfigError('The configuration cannot run:\n- ' + '\n- '.join(found))
     return cfg
 
-# %% ../nbs/01_config.ipynb #c1e30a7a
+# %% ../nbs/01_config.ipynb #45cca3f3
 PRESETS = {
-    'tiny': dict(model=TINY_MODEL, dataset=TINY_DATASET, r=16, alpha=32, dropout=0.0, max_length=64,
-                 learning_rate=3e-3, max_steps=300, micro_batch=16, grad_accum=1, warmup_ratio=0.05,
-                 lr_scheduler='cosine', gradient_checkpointing=True, logging_steps=10, eval_steps=50,
-                 save_steps=100, output_dir='runs/tiny'),
+    'tiny': dict(model=TINY_MODEL, dataset=TINY_DATASET, r=16, alpha=32, dropout=0.0, max_length=32,
+                 learning_rate=3e-3, max_steps=800, micro_batch=64, grad_accum=1, warmup_ratio=0.04,
+                 lr_scheduler='cosine', gradient_checkpointing=False, logging_steps=20, eval_steps=200,
+                 save_steps=200, output_dir='runs/tiny'),
     'colab-t4': dict(model='Qwen/Qwen2.5-7B', dataset='yahma/alpaca-cleaned', max_length=1024, micro_batch=1,
                      grad_accum=16, learning_rate=2e-4, epochs=1, compute_dtype='float16', optimizer='paged_adamw_8bit',
                      save_steps=50, eval_steps=100, output_dir='runs/colab-t4'),
@@ -153,7 +153,7 @@ def default_preset() -> str:
     import torch
     return 'colab-t4' if torch.cuda.get_device_properties(0).total_memory < 24 * 2**30 else '7b'
 
-# %% ../nbs/01_config.ipynb #42dec917
+# %% ../nbs/01_config.ipynb #642a4299
 def _check_keys(keys):
     names = [f.name for f in fields(QLoRAConfig)]
     unknown = [k for k in keys if k not in names]
@@ -178,7 +178,7 @@ def update(cfg: QLoRAConfig, **overrides) -> QLoRAConfig:
     _check_keys(overrides)
     return validate(replace(cfg, **overrides))
 
-# %% ../nbs/01_config.ipynb #b6aec297
+# %% ../nbs/01_config.ipynb #5a4b45e4
 def to_dict(cfg: QLoRAConfig) -> dict:
     "The configuration as plain, JSON-ready values."
     return asdict(cfg)

@@ -7,7 +7,7 @@ __all__ = ['TINY_CHAT_TEMPLATE', 'PAD_CANDIDATES', 'tiny_tokenizer', 'tiny_llama
            'resolve_model', 'load_model_config', 'ensure_pad_token', 'load_tokenizer', 'quantized_layers',
            'keep_cpu_layout_trainable', 'load_model', 'footprint', 'plot_footprint']
 
-# %% ../nbs/03_loading.ipynb #871fb6bd
+# %% ../nbs/03_loading.ipynb #ffd49fb5
 import os, json, shutil, tempfile
 from pathlib import Path
 
@@ -19,7 +19,7 @@ from .core import choose_precision, has_cuda
 from .config import QLoRAConfig, TINY_MODEL, validate
 from .quantization import bnb_config
 
-# %% ../nbs/03_loading.ipynb #286299b4
+# %% ../nbs/03_loading.ipynb #86542098
 TINY_CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}"
                       "{% if m['role'] == 'assistant' %}</s>{% endif %}\n{% endfor %}"
                       "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
@@ -36,11 +36,11 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token='<pad>', bos_token='<s>', eos_token='</s>',
                                    unk_token='<unk>', chat_template=TINY_CHAT_TEMPLATE, model_max_length=512)
 
-# %% ../nbs/03_loading.ipynb #841ccf08
+# %% ../nbs/03_loading.ipynb #93aff8f3
 def tiny_llama_config(vocab_size: int = 288) -> LlamaConfig:
     "The embedded model's architecture: a 4-layer Llama with hidden size 128."
     return LlamaConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512, initializer_range=0.1,
                        tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 def cache_dir() -> Path:
@@ -49,7 +49,7 @@ def cache_dir() -> Path:
 
 def tiny_model_path() -> Path:
     "The embedded model's folder, built on first use (seeded, so every machine builds the same weights)."
-    path = cache_dir()/'tiny-llama-v1'
+    path = cache_dir()/'tiny-llama-v2'
     if (path/'model.safetensors').exists(): return path
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=path.parent, prefix='.tiny-'))
@@ -61,7 +61,7 @@ def tiny_model_path() -> Path:
     except OSError: shutil.rmtree(staging)  # another process finished first
     return path
 
-# %% ../nbs/03_loading.ipynb #20df7207
+# %% ../nbs/03_loading.ipynb #67fa8962
 def _looks_like_path(name: str) -> bool:
     return name.startswith(('/', './', '../', '~')) or os.path.exists(name) or name.count('/') > 1 or os.sep != '/' and os.sep in name
 
@@ -83,7 +83,7 @@ def load_model_config(cfg: QLoRAConfig):
         offline = ' HF_HUB_OFFLINE is set, so only cached models can load.' if os.environ.get('HF_HUB_OFFLINE') else ''
         raise FileNotFoundError(f"Could not read the config of model {cfg.model!r}.{offline} ({e.__class__.__name__}: {str(e).splitlines()[0]})") from e
 
-# %% ../nbs/03_loading.ipynb #6428b955
+# %% ../nbs/03_loading.ipynb #7efdc66c
 PAD_CANDIDATES = ('<|finetune_right_pad_id|>', '<|fim_pad|>', '<|pad|>', '<pad>', '[PAD]')
 
 def ensure_pad_token(tokenizer) -> str:
@@ -109,7 +109,7 @@ def load_tokenizer(cfg: QLoRAConfig, verbose: bool = True):
     if verbose: print('Tokenizer:', note)
     return tok
 
-# %% ../nbs/03_loading.ipynb #9f2996b4
+# %% ../nbs/03_loading.ipynb #33f3eb0b
 def quantized_layers(model: nn.Module) -> list:
     "Names of the modules stored in 4 bits."
     import bitsandbytes as bnb
@@ -122,7 +122,7 @@ def keep_cpu_layout_trainable(model: nn.Module):
         if isinstance(m, bnb.nn.Linear4bit): m.support_avx512bf16_for_cpu = False
     return model
 
-# %% ../nbs/03_loading.ipynb #d2e4f788
+# %% ../nbs/03_loading.ipynb #22d5979e
 def load_model(cfg: QLoRAConfig, tokenizer=None, quantize: bool = True):
     "Load `cfg.model` in 4 bits (or in the compute dtype with `quantize=False`), ready for the next step."
     validate(cfg)
@@ -140,7 +140,7 @@ def load_model(cfg: QLoRAConfig, tokenizer=None, quantize: bool = True):
     model.config.qlora_nb_source = {'model': cfg.model, 'revision': cfg.revision}
     return model
 
-# %% ../nbs/03_loading.ipynb #27e7be29
+# %% ../nbs/03_loading.ipynb #bb969b97
 def _quant_state_bytes(state) -> int:
     n = state.absmax.numel() * state.absmax.element_size()
     if state.nested: n += state.state2.absmax.numel() * state.state2.absmax.element_size() + state.offset.numel() * 4

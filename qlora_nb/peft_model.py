@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['check_trainable', 'create_peft_model', 'parameter_table', 'show_parameter_table']
 
-# %% ../nbs/06_peft_model.ipynb #857858d4
+# %% ../nbs/06_peft_model.ipynb #dd1aa849
 import torch
 from torch import nn
 from peft import get_peft_model, PeftModel
@@ -14,16 +14,16 @@ from .config import QLoRAConfig
 from .lora import lora_config
 from .kbit import prepare_for_kbit_training, describe, parameter_group
 
-# %% ../nbs/06_peft_model.ipynb #2dcf6e3f
+# %% ../nbs/06_peft_model.ipynb #75ae7d03
 def check_trainable(model: nn.Module) -> dict:
-    "Raise unless some parameters train, all of them are LoRA weights, and all are float32; return the counts."
+    "Raise unless some parameters train, all of them are LoRA weights, and all are float32; return the counts (4-bit weights at their real size)."
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if not trainable: raise ValueError("No parameter is trainable: check target_modules and that get_peft_model ran.")
     not_lora = [n for n in trainable if 'lora_' not in n]
     if not_lora: raise ValueError(f"{len(not_lora)} trainable parameters are not LoRA weights, e.g. {not_lora[:3]}: freeze the base model.")
     not_f32 = [n for n, p in trainable.items() if p.dtype != torch.float32]
     if not_f32: raise ValueError(f"{len(not_f32)} LoRA parameters are not float32, e.g. {not_f32[:3]}.")
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(p.quant_state.shape.numel() if getattr(p, 'quant_state', None) is not None else p.numel() for p in model.parameters())
     return dict(trainable=sum(p.numel() for p in trainable.values()), total=total)
 
 def create_peft_model(model: nn.Module, cfg: QLoRAConfig) -> PeftModel:
@@ -35,7 +35,7 @@ def create_peft_model(model: nn.Module, cfg: QLoRAConfig) -> PeftModel:
     check_trainable(peft_model)
     return peft_model
 
-# %% ../nbs/06_peft_model.ipynb #8fe82ee8
+# %% ../nbs/06_peft_model.ipynb #4a66a978
 def parameter_table(model: nn.Module) -> list:
     "Rows of (group, parameters, trainable parameters, dtypes), counting 4-bit weights at their real size."
     rows = {}

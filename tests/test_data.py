@@ -22,9 +22,13 @@ ROOT = Path(__file__).resolve().parents[1]
 def tok(): return tiny_tokenizer()
 
 @pytest.fixture
-def cfg(): return get_config('tiny')
+def cfg(): return get_config('tiny', max_length=64)
 
-def rows(n=20): return reverse_words(n, 0)['train']
+def rows(n=20):
+    "Alpaca-style rows made from the shipped words."
+    return [dict(instruction='Reverse the word.', input=word(r), output=r['completion']) for r in reverse_words(n, 0)['train']]
+
+def word(row): return row['prompt'][len('Reverse: '):-1]
 
 def prompt_len(row, fmt, tok): return len(encode_text(format_prompt(row, fmt, tok), tok))
 
@@ -33,17 +37,26 @@ def prompt_len(row, fmt, tok): return len(encode_text(format_prompt(row, fmt, to
 def test_shipped_files_are_what_the_generator_makes():
     shipped = {split: read_jsonl(asset(name)) for split, name in REVERSE_WORDS_FILES.items()}
     assert shipped == reverse_words()
-    assert len(shipped['train']) == 2000 and len(shipped['eval']) == 200
-    train, held_out = ({r['input'] for r in shipped[s]} for s in ('train', 'eval'))
-    assert len(train) == 2000 and len(held_out) == 200 and not train & held_out
-    assert all(r['output'] == r['input'][::-1] != r['input'] for s in shipped.values() for r in s)
+    assert len(shipped['train']) == 20000 and len(shipped['eval']) == 200
+    train, held_out = ({word(r) for r in shipped[s]} for s in ('train', 'eval'))
+    assert len(train) == 20000 and len(held_out) == 200 and not train & held_out
+    assert all(r['prompt'] == f"Reverse: {word(r)}\n" and r['completion'] == word(r)[::-1] != word(r) for s in shipped.values() for r in s)
 
-def test_every_tiny_example_fits_the_tiny_max_length(tok, cfg):
+def test_every_tiny_example_fits_the_tiny_max_length(tok):
+    cfg = get_config('tiny')
     data = build_datasets(cfg, tok, verbose=False)
     for split in ('train', 'eval'):
         s = data.stats[split]
-        assert s.longest <= cfg.max_length == 64 and s.n_truncated == s.n_dropped == 0
-    assert len(data.train) == 2000 and len(data.eval) == 200 and data.format == 'instruction'
+        assert s.longest <= cfg.max_length == 32 and s.n_truncated == s.n_dropped == 0
+    assert len(data.train) == 20000 and len(data.eval) == 200 and data.format == 'completion'
+
+def test_completion_masks_the_prompt_and_trains_the_completion(tok, cfg):
+    row = reverse_words(1, 0)['train'][0]
+    ds, stats = tokenize_dataset(Dataset.from_list([row]), tok, cfg)
+    n = prompt_len(row, 'completion', tok)
+    assert format_prompt(row, 'completion', tok) == row['prompt'] and response_text(row, 'completion') == row['completion']
+    assert ds[0]['labels'] == [IGNORE_INDEX] * n + encode_text(row['completion'], tok) + [tok.eos_token_id]
+    assert stats.format == 'completion' and data_format(['prompt', 'completion']) == 'completion'
 
 def test_the_embedded_dataset_loads_by_name(cfg):
     assert cfg.dataset == TINY_DATASET
@@ -139,13 +152,14 @@ def test_examples_with_every_label_masked_are_dropped_and_counted(tok, cfg):
 def test_all_labels_masked_is_an_error_not_a_zero_loss(tok, cfg, tmp_path):
     write_jsonl([dict(instruction='Summarise this. ' * 10, output='ok')] * 5, tmp_path/'long.jsonl')
     with pytest.raises(DataError, match=r'all its labels masked.*max_length=64.*train_on_prompt=True'):
-        build_datasets(get_config('tiny', dataset=str(tmp_path/'long.jsonl')), tok, verbose=False)
+        build_datasets(get_config('tiny', max_length=64, dataset=str(tmp_path/'long.jsonl')), tok, verbose=False)
 
-def test_max_length_below_the_template_names_the_minimum(tok):
+def test_max_length_below_the_template_names_the_minimum(tok, tmp_path):
     need = template_length('instruction', tok) + 1
     assert need == len('Instruction: \nResponse:\n') + 2
+    path = write_jsonl(rows(5), tmp_path/'alpaca.jsonl')
     with pytest.raises(DataError, match=f'max_length=20 is shorter than the instruction template.*max_length >= {need}'):
-        build_datasets(get_config('tiny', max_length=20), tok, verbose=False)
+        build_datasets(get_config('tiny', max_length=20, dataset=str(path)), tok, verbose=False)
     assert check_max_length(get_config('tiny', max_length=need), tok, 'instruction') == need
 
 def test_a_row_with_a_missing_answer_is_named(tok, cfg):
@@ -166,7 +180,7 @@ def write_as(path: Path, records: list):
 @pytest.mark.parametrize('suffix', ['.jsonl', '.json', '.csv', '.tsv', '.parquet'])
 def test_local_files_load_and_split_reproducibly(tmp_path, suffix, tok):
     path = write_as(tmp_path/f'data{suffix}', rows(40))
-    cfg = get_config('tiny', dataset=str(path), eval_fraction=0.1, seed=3)
+    cfg = get_config('tiny', max_length=64, dataset=str(path), eval_fraction=0.1, seed=3)
     d = load_records(cfg)
     assert len(d['train']) == 36 and len(d['eval']) == 4
     assert d['eval']['input'] == load_records(cfg)['eval']['input']
@@ -176,52 +190,52 @@ def test_local_files_load_and_split_reproducibly(tmp_path, suffix, tok):
 
 def test_no_eval_split_with_eval_fraction_zero(tmp_path, tok):
     path = write_as(tmp_path/'d.jsonl', rows(10))
-    data = build_datasets(get_config('tiny', dataset=str(path), eval_fraction=0.0), tok, verbose=False)
+    data = build_datasets(get_config('tiny', max_length=64, dataset=str(path), eval_fraction=0.0), tok, verbose=False)
     assert data.eval is None and len(data.train) == 10 and set(data.stats) == {'train'}
 
 def test_a_saved_folder_uses_its_validation_split(tmp_path):
     DatasetDict(train=Dataset.from_list(rows(10)), validation=Dataset.from_list(rows(3))).save_to_disk(tmp_path/'saved')
-    d = load_records(get_config('tiny', dataset=str(tmp_path/'saved')))
+    d = load_records(get_config('tiny', max_length=64, dataset=str(tmp_path/'saved')))
     assert len(d['train']) == 10 and len(d['eval']) == 3
 
 def test_column_renames(tmp_path, tok):
     path = write_as(tmp_path/'qa.csv', [dict(question=r['input'], answer=r['output']) for r in rows(20)])
-    cfg = get_config('tiny', dataset=str(path), columns={'instruction': 'question', 'output': 'answer'})
+    cfg = get_config('tiny', max_length=64, dataset=str(path), columns={'instruction': 'question', 'output': 'answer'})
     d = load_records(cfg)
     assert d['train'].column_names == ['instruction', 'output']
     assert build_datasets(cfg, tok, verbose=False).format == 'instruction'
 
 def test_missing_columns_list_the_existing_ones_and_suggest_columns(tmp_path, tok):
     path = write_as(tmp_path/'qa.jsonl', [dict(question='2+2?', answer='4')] * 10)
-    with pytest.raises(DataError) as e: build_datasets(get_config('tiny', dataset=str(path)), tok, verbose=False)
+    with pytest.raises(DataError) as e: build_datasets(get_config('tiny', max_length=64, dataset=str(path)), tok, verbose=False)
     msg = str(e.value)
     assert "['question', 'answer']" in msg and "columns={'instruction': 'question', 'output': 'answer'}" in msg
     with pytest.raises(DataError, match=r"The chat format needs the column\(s\) \['messages'\]; the dataset has \['question', 'answer'\]"):
-        build_datasets(get_config('tiny', dataset=str(path), dataset_format='chat'), tok, verbose=False)
+        build_datasets(get_config('tiny', max_length=64, dataset=str(path), dataset_format='chat'), tok, verbose=False)
 
 def test_a_columns_map_to_a_missing_column_is_named(tmp_path):
     path = write_as(tmp_path/'qa.jsonl', [dict(question='2+2?', answer='4')] * 10)
     with pytest.raises(DataError, match=r"\['answr'\].*Its columns are \['question', 'answer'\]"):
-        load_records(get_config('tiny', dataset=str(path), columns={'instruction': 'question', 'output': 'answr'}))
+        load_records(get_config('tiny', max_length=64, dataset=str(path), columns={'instruction': 'question', 'output': 'answr'}))
 
 def test_a_missing_file_is_named(tmp_path, tok):
     missing = str(tmp_path/'nope.jsonl')
-    with pytest.raises(DatasetNotFound, match='nope.jsonl'): build_datasets(get_config('tiny', dataset=missing), tok, verbose=False)
+    with pytest.raises(DatasetNotFound, match='nope.jsonl'): build_datasets(get_config('tiny', max_length=64, dataset=missing), tok, verbose=False)
     assert issubclass(DatasetNotFound, FileNotFoundError) and issubclass(DataError, ValueError)
 
 @pytest.mark.parametrize('content, name', [('', 'empty.jsonl'), ('instruction,output\n', 'header_only.csv')])
 def test_an_empty_dataset_is_an_error(tmp_path, tok, content, name):
     (tmp_path/name).write_text(content)
     with pytest.raises(DataError, match='empty|no rows'):
-        build_datasets(get_config('tiny', dataset=str(tmp_path/name)), tok, verbose=False)
+        build_datasets(get_config('tiny', max_length=64, dataset=str(tmp_path/name)), tok, verbose=False)
 
 def test_an_unknown_file_type_is_named(tmp_path):
     (tmp_path/'data.xml').write_text('<rows/>')
-    with pytest.raises(DataError, match=r"data.xml.*\.jsonl"): load_records(get_config('tiny', dataset=str(tmp_path/'data.xml')))
+    with pytest.raises(DataError, match=r"data.xml.*\.jsonl"): load_records(get_config('tiny', max_length=64, dataset=str(tmp_path/'data.xml')))
 
 def test_an_unreachable_hub_dataset_says_it_is_offline():
     code = ("from qlora_nb.config import get_config\nfrom qlora_nb.data import load_records, DatasetNotFound\n"
-            "try: load_records(get_config('tiny', dataset='someone/no-such-dataset'))\n"
+            "try: load_records(get_config('tiny', max_length=64, dataset='someone/no-such-dataset'))\n"
             "except DatasetNotFound as e: print('MESSAGE', e)\n")
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120,
                          env={**os.environ, 'HF_HUB_OFFLINE': '1'}).stdout
@@ -271,7 +285,8 @@ def test_padding_tokens():
 
 def test_eval_pairs_use_the_training_prompt(tok, cfg):
     pairs = eval_pairs(cfg, tok, n=5)
-    assert len(pairs) == 5 and pairs[0] == (format_prompt(reverse_words()['eval'][0], 'instruction', tok), reverse_words()['eval'][0]['output'])
+    first = reverse_words()['eval'][0]
+    assert len(pairs) == 5 and pairs[0] == (first['prompt'], first['completion'])
     data = build_datasets(cfg, tok, verbose=False)
     for (prompt, answer), ex in zip(pairs, data.eval):
         p = encode_text(prompt, tok)
@@ -281,10 +296,10 @@ def test_eval_pairs_use_the_training_prompt(tok, cfg):
 def test_eval_pairs_for_chat_and_text(tmp_path, tok):
     convo = [dict(role='user', content='abc'), dict(role='assistant', content='cba')]
     path = write_as(tmp_path/'chat.jsonl', [dict(messages=convo)] * 10)
-    pairs = eval_pairs(get_config('tiny', dataset=str(path), eval_fraction=0.2), tok)
+    pairs = eval_pairs(get_config('tiny', max_length=64, dataset=str(path), eval_fraction=0.2), tok)
     assert pairs == [('<|user|>\nabc<|assistant|>\n', 'cba')] * 2
     text = write_as(tmp_path/'text.jsonl', [dict(text='hello')] * 10)
-    with pytest.raises(DataError, match='no prompt/answer pairs'): eval_pairs(get_config('tiny', dataset=str(text)), tok)
+    with pytest.raises(DataError, match='no prompt/answer pairs'): eval_pairs(get_config('tiny', max_length=64, dataset=str(text)), tok)
 
 def test_inspector_marks_masked_tokens(tok, cfg):
     ds, _ = tokenize_dataset(Dataset.from_list(rows(2)), tok, cfg)

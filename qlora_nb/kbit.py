@@ -6,13 +6,13 @@
 __all__ = ['enable_checkpointing', 'is_checkpointing', 'prepare_for_kbit_training', 'parameter_group', 'describe', 'show_changes',
            'upcast_cost']
 
-# %% ../nbs/04_kbit.ipynb #f2295af7
+# %% ../nbs/04_kbit.ipynb #6e6a8a56
 import torch
 from torch import nn
 
 from .config import QLoRAConfig
 
-# %% ../nbs/04_kbit.ipynb #3cc385b6
+# %% ../nbs/04_kbit.ipynb #3bc46cf9
 def enable_checkpointing(model: nn.Module):
     "Non-reentrant activation checkpointing, by its new name in transformers 5.2x and its old one before."
     kwargs = {'use_reentrant': False}
@@ -23,7 +23,7 @@ def is_checkpointing(model: nn.Module) -> bool:
     "True when any module of `model` recomputes its activations in the backward pass."
     return any(getattr(m, 'gradient_checkpointing', False) for m in model.modules())
 
-# %% ../nbs/04_kbit.ipynb #9f4d65fb
+# %% ../nbs/04_kbit.ipynb #2e91285b
 def prepare_for_kbit_training(model: nn.Module, cfg: QLoRAConfig) -> nn.Module:
     "Freeze the base model, make input embeddings' output require grad, disable the cache, checkpoint activations."
     for p in model.parameters(): p.requires_grad_(False)
@@ -33,7 +33,7 @@ def prepare_for_kbit_training(model: nn.Module, cfg: QLoRAConfig) -> nn.Module:
     model.is_qlora_prepared = True
     return model
 
-# %% ../nbs/04_kbit.ipynb #4cb0d025
+# %% ../nbs/04_kbit.ipynb #9e4bc48d
 def parameter_group(name: str, module: nn.Module) -> str:
     "Which part of a causal LM a parameter belongs to."
     import bitsandbytes as bnb
@@ -65,7 +65,7 @@ def show_changes(before: dict, after: dict):
               f"{b.get('bytes', 0) / 2**20:11.3f} {a['bytes'] / 2**20:10.3f} {a['trainable']:>10}/{a['tensors']}")
     for k in after['flags']: print(f"{k:>22}: {before['flags'][k]} -> {after['flags'][k]}")
 
-# %% ../nbs/04_kbit.ipynb #28f66bc7
+# %% ../nbs/04_kbit.ipynb #cc9b89e4
 def upcast_cost(model_config) -> int:
     "Extra bytes that casting the embeddings and lm_head from 16-bit to float32 costs for `model_config`."
     n = model_config.vocab_size * model_config.hidden_size

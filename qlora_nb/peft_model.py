@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['check_trainable', 'create_peft_model', 'parameter_table', 'show_parameter_table']
 
-# %% ../nbs/06_peft_model.ipynb #dd1aa849
+# %% ../nbs/06_peft_model.ipynb #049d91d7
 import torch
 from torch import nn
 from peft import get_peft_model, PeftModel
@@ -14,7 +14,7 @@ from .config import QLoRAConfig
 from .lora import lora_config
 from .kbit import prepare_for_kbit_training, describe, parameter_group
 
-# %% ../nbs/06_peft_model.ipynb #75ae7d03
+# %% ../nbs/06_peft_model.ipynb #870234b1
 def check_trainable(model: nn.Module) -> dict:
     "Raise unless some parameters train, all of them are LoRA weights, and all are float32; return the counts (4-bit weights at their real size)."
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -35,7 +35,7 @@ def create_peft_model(model: nn.Module, cfg: QLoRAConfig) -> PeftModel:
     check_trainable(peft_model)
     return peft_model
 
-# %% ../nbs/06_peft_model.ipynb #4a66a978
+# %% ../nbs/06_peft_model.ipynb #4b2f1352
 def parameter_table(model: nn.Module) -> list:
     "Rows of (group, parameters, trainable parameters, dtypes), counting 4-bit weights at their real size."
     rows = {}

@@ -7,7 +7,7 @@ __all__ = ['TINY_MODEL', 'TINY_DATASET', 'QUANT_TYPES', 'COMPUTE_DTYPES', 'STORA
            'SCHEDULERS', 'PRESETS', 'QLoRAConfig', 'ConfigError', 'problems', 'validate', 'default_preset',
            'get_config', 'update', 'to_dict', 'from_dict', 'save_config', 'load_config']
 
-# %% ../nbs/01_config.ipynb #db18a2c6
+# %% ../nbs/01_config.ipynb #f75c73d3
 import os, json, difflib
 from dataclasses import dataclass, field, fields, asdict, replace
 from pathlib import Path
@@ -16,7 +16,7 @@ import yaml
 
 from .core import has_cuda, DTYPES
 
-# %% ../nbs/01_config.ipynb #1b774c76
+# %% ../nbs/01_config.ipynb #afb523f8
 TINY_MODEL = 'qlora_nb/tiny-llama'   # built from a config on first use; no download
 TINY_DATASET = 'qlora_nb/reverse-words'  # ships inside the package
 
@@ -69,7 +69,7 @@ class QLoRAConfig:
         "Examples per optimizer step."
         return self.micro_batch * self.grad_accum
 
-# %% ../nbs/01_config.ipynb #7b8a3a0b
+# %% ../nbs/01_config.ipynb #a7032df4
 class ConfigError(ValueError):
     "A configuration that cannot run; the message lists each problem."
 
@@ -92,7 +92,7 @@ def _positive(name, value, kind=(int, float)):
         return [f"{name}={value!r} must be a number above 0."]
     return []
 
-# %% ../nbs/01_config.ipynb #de2d27c0
+# %% ../nbs/01_config.ipynb #c3458a29
 def problems(cfg: QLoRAConfig) -> list:
     "Every problem with `cfg`, each a sentence naming the field and the fix; empty when it can run."
     p = []
@@ -133,7 +133,7 @@ def validate(cfg: QLoRAConfig) -> QLoRAConfig:
     if found: raise ConfigError('The configuration cannot run:\n- ' + '\n- '.join(found))
     return cfg
 
-# %% ../nbs/01_config.ipynb #45cca3f3
+# %% ../nbs/01_config.ipynb #f74953ca
 PRESETS = {
     'tiny': dict(model=TINY_MODEL, dataset=TINY_DATASET, r=16, alpha=32, dropout=0.0, max_length=32,
                  learning_rate=3e-3, max_steps=800, micro_batch=64, grad_accum=1, warmup_ratio=0.04,
@@ -153,13 +153,23 @@ def default_preset() -> str:
     import torch
     return 'colab-t4' if torch.cuda.get_device_properties(0).total_memory < 24 * 2**30 else '7b'
 
-# %% ../nbs/01_config.ipynb #642a4299
+# %% ../nbs/01_config.ipynb #40691d3f
 def _check_keys(keys):
     names = [f.name for f in fields(QLoRAConfig)]
     unknown = [k for k in keys if k not in names]
     if unknown:
         hints = [f"{k!r}" + (f" (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, names, n=1)) else '') for k in unknown]
         raise ConfigError(f"Unknown configuration key {', '.join(hints)}. Valid keys: {', '.join(names)}.")
+
+def _numbers(values: dict) -> dict:
+    "Read numbers written as text (YAML 1.1 reads `1e-4` as a string) into the fields that hold numbers."
+    kinds = {f.name: f.type for f in fields(QLoRAConfig)}
+    out = dict(values)
+    for k, v in values.items():
+        if isinstance(v, str) and kinds.get(k) in (float, int, 'float', 'int'):
+            try: out[k] = int(v) if kinds[k] in (int, 'int') else float(v)
+            except ValueError: pass   # left as text: validation names it
+    return out
 
 def get_config(preset: str | None = None, # 'tiny', 'colab-t4', '7b'; None: `default_preset()`
                **overrides) -> QLoRAConfig:
@@ -168,7 +178,7 @@ def get_config(preset: str | None = None, # 'tiny', 'colab-t4', '7b'; None: `def
     if preset not in PRESETS:
         raise ConfigError(f"Unknown preset {preset!r}: choose one of {', '.join(map(repr, PRESETS))}.")
     _check_keys(overrides)
-    values = {**PRESETS[preset], **overrides}
+    values = {**PRESETS[preset], **_numbers(overrides)}
     for env_key, key in (('QLORA_NB_MODEL', 'model'), ('QLORA_NB_DATASET', 'dataset')):
         if os.environ.get(env_key) and key not in overrides: values[key] = os.environ[env_key]
     return validate(QLoRAConfig(**values))
@@ -176,9 +186,9 @@ def get_config(preset: str | None = None, # 'tiny', 'colab-t4', '7b'; None: `def
 def update(cfg: QLoRAConfig, **overrides) -> QLoRAConfig:
     "A validated copy of `cfg` with `overrides` applied."
     _check_keys(overrides)
-    return validate(replace(cfg, **overrides))
+    return validate(replace(cfg, **_numbers(overrides)))
 
-# %% ../nbs/01_config.ipynb #5a4b45e4
+# %% ../nbs/01_config.ipynb #718f3b54
 def to_dict(cfg: QLoRAConfig) -> dict:
     "The configuration as plain, JSON-ready values."
     return asdict(cfg)
@@ -186,7 +196,7 @@ def to_dict(cfg: QLoRAConfig) -> dict:
 def from_dict(values: dict) -> QLoRAConfig:
     "A validated configuration from a dict; unknown keys are an error."
     _check_keys(values)
-    return validate(QLoRAConfig(**values))
+    return validate(QLoRAConfig(**_numbers(values)))
 
 def save_config(cfg: QLoRAConfig, path) -> Path:
     "Write `cfg` to `path`, as JSON if it ends in .json and YAML otherwise."

@@ -145,8 +145,10 @@ def test_reload_on_the_4bit_base_gives_the_same_logits(trained):
 def test_reload_on_the_16bit_base_differs_by_the_quantization_gap(trained):
     model, _ = load_adapter(trained['path'], quantize=False, verbose=False)
     assert not quantized_layers(model)
-    diff = (logits(model, trained['batch']) - trained['logits']).abs().max().item()
-    assert 1e-4 < diff < 2.0
+    reloaded = logits(model, trained['batch'])
+    diff = (reloaded - trained['logits']).abs().max().item()
+    similarity = torch.nn.functional.cosine_similarity(reloaded.flatten(), trained['logits'].flatten(), dim=0).item()
+    assert diff > 1e-4 and similarity > 0.9   # a gap, but the same model
 
 def test_base_of_another_shape_is_refused(trained, tmp_path, monkeypatch):
     narrow = make_base(tmp_path/'narrow', hidden_size=96, intermediate_size=288)

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['parse_overrides', 'run_workflow', 'build_parser', 'config_from_args', 'main']
 
-# %% ../nbs/13_cli.ipynb #22e78c7e
+# %% ../nbs/13_cli.ipynb #8a25af14
 import sys, json, time, argparse
 from pathlib import Path
 
@@ -14,7 +14,7 @@ import yaml
 from .core import manifest, seed_everything, has_cuda
 from .config import QLoRAConfig, TINY_DATASET, get_config, load_config, save_config, to_dict, update, PRESETS
 
-# %% ../nbs/13_cli.ipynb #2c426e94
+# %% ../nbs/13_cli.ipynb #dd5755e6
 def parse_overrides(pairs: list) -> dict:
     "['r=32', 'target_modules=[q_proj, v_proj]'] -> {'r': 32, 'target_modules': ['q_proj', 'v_proj']} (values read as YAML)."
     out = {}
@@ -24,7 +24,7 @@ def parse_overrides(pairs: list) -> dict:
         out[key.strip()] = yaml.safe_load(value)
     return out
 
-# %% ../nbs/13_cli.ipynb #5946d0f4
+# %% ../nbs/13_cli.ipynb #d2ea18fd
 def run_workflow(cfg: QLoRAConfig, output_dir: str | None = None, resume: bool = False, live: bool | None = None) -> dict:
     "Steps 1 to 7 for `cfg`: train, evaluate before and after, save the adapter, the figure and metrics.json."
     from qlora_nb.loading import load_model, load_tokenizer
@@ -72,7 +72,7 @@ def _measure(trainer, model, tokenizer, pairs, when) -> dict:
     if pairs: m[f'accuracy_{when}'] = answer_accuracy(model, tokenizer, pairs)
     return m
 
-# %% ../nbs/13_cli.ipynb #65f1b123
+# %% ../nbs/13_cli.ipynb #b9e9e1c9
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='qlora-nb', description='QLoRA fine-tuning, steps 1 to 7, from a configuration.')
     sub = p.add_subparsers(dest='command', required=True)

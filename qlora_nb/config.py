@@ -7,7 +7,7 @@ __all__ = ['TINY_MODEL', 'TINY_DATASET', 'QUANT_TYPES', 'COMPUTE_DTYPES', 'STORA
            'SCHEDULERS', 'PRESETS', 'QLoRAConfig', 'ConfigError', 'problems', 'validate', 'default_preset',
            'get_config', 'update', 'to_dict', 'from_dict', 'save_config', 'load_config']
 
-# %% ../nbs/01_config.ipynb #f75c73d3
+# %% ../nbs/01_config.ipynb #ad517589
 import os, json, difflib
 from dataclasses import dataclass, field, fields, asdict, replace
 from pathlib import Path
@@ -16,7 +16,7 @@ import yaml
 
 from .core import has_cuda, DTYPES
 
-# %% ../nbs/01_config.ipynb #afb523f8
+# %% ../nbs/01_config.ipynb #2c84b572
 TINY_MODEL = 'qlora_nb/tiny-llama'   # built from a config on first use; no download
 TINY_DATASET = 'qlora_nb/reverse-words'  # ships inside the package
 
@@ -69,7 +69,7 @@ class QLoRAConfig:
         "Examples per optimizer step."
         return self.micro_batch * self.grad_accum
 
-# %% ../nbs/01_config.ipynb #a7032df4
+# %% ../nbs/01_config.ipynb #7445cdee
 class ConfigError(ValueError):
     "A configuration that cannot run; the message lists each problem."
 
@@ -92,7 +92,7 @@ def _positive(name, value, kind=(int, float)):
         return [f"{name}={value!r} must be a number above 0."]
     return []
 
-# %% ../nbs/01_config.ipynb #c3458a29
+# %% ../nbs/01_config.ipynb #32f63034
 def problems(cfg: QLoRAConfig) -> list:
     "Every problem with `cfg`, each a sentence naming the field and the fix; empty when it can run."
     p = []
@@ -133,12 +133,12 @@ def validate(cfg: QLoRAConfig) -> QLoRAConfig:
     if found: raise ConfigError('The configuration cannot run:\n- ' + '\n- '.join(found))
     return cfg
 
-# %% ../nbs/01_config.ipynb #f74953ca
+# %% ../nbs/01_config.ipynb #8f14587b
 PRESETS = {
     'tiny': dict(model=TINY_MODEL, dataset=TINY_DATASET, r=16, alpha=32, dropout=0.0, max_length=32,
-                 learning_rate=3e-3, max_steps=800, micro_batch=64, grad_accum=1, warmup_ratio=0.04,
+                 learning_rate=3e-3, max_steps=1200, micro_batch=64, grad_accum=1, warmup_ratio=0.03,
                  lr_scheduler='cosine', gradient_checkpointing=False, logging_steps=20, eval_steps=200,
-                 save_steps=200, output_dir='runs/tiny'),
+                 save_steps=400, output_dir='runs/tiny'),
     'colab-t4': dict(model='Qwen/Qwen2.5-7B', dataset='yahma/alpaca-cleaned', max_length=1024, micro_batch=1,
                      grad_accum=16, learning_rate=2e-4, epochs=1, compute_dtype='float16', optimizer='paged_adamw_8bit',
                      save_steps=50, eval_steps=100, output_dir='runs/colab-t4'),
@@ -153,7 +153,7 @@ def default_preset() -> str:
     import torch
     return 'colab-t4' if torch.cuda.get_device_properties(0).total_memory < 24 * 2**30 else '7b'
 
-# %% ../nbs/01_config.ipynb #40691d3f
+# %% ../nbs/01_config.ipynb #d37b190f
 def _check_keys(keys):
     names = [f.name for f in fields(QLoRAConfig)]
     unknown = [k for k in keys if k not in names]
@@ -188,7 +188,7 @@ def update(cfg: QLoRAConfig, **overrides) -> QLoRAConfig:
     _check_keys(overrides)
     return validate(replace(cfg, **_numbers(overrides)))
 
-# %% ../nbs/01_config.ipynb #718f3b54
+# %% ../nbs/01_config.ipynb #adf7174e
 def to_dict(cfg: QLoRAConfig) -> dict:
     "The configuration as plain, JSON-ready values."
     return asdict(cfg)

@@ -11,7 +11,7 @@ __all__ = ['ADAPTER_WEIGHTS', 'ADAPTER_CONFIG', 'RECORD', 'CARD', 'FINGERPRINT_K
            'compare_generations', 'dequantize_linear4bit', 'dequantize_model', 'merge_adapter', 'merge_report',
            'plot_merge_report']
 
-# %% ../nbs/08_saving.ipynb #96d81277
+# %% ../nbs/08_saving.ipynb #371057da
 import os, gc, json, math, html, shutil, hashlib, tempfile, warnings, platform
 from dataclasses import fields
 from datetime import datetime, timezone
@@ -29,7 +29,7 @@ from .config import QLoRAConfig, to_dict, validate
 from .loading import (load_model, load_tokenizer, load_model_config, resolve_model, quantized_layers,
                               keep_cpu_layout_trainable, footprint)
 
-# %% ../nbs/08_saving.ipynb #c99c71ad
+# %% ../nbs/08_saving.ipynb #b3d71d64
 ADAPTER_WEIGHTS = 'adapter_model.safetensors'
 ADAPTER_CONFIG = 'adapter_config.json'
 RECORD = 'qlora_nb.json'           # the base's identity, the config, versions and metrics, and each file's hash
@@ -56,7 +56,7 @@ def lora_tensors(model: nn.Module) -> dict:
         warnings.warn("Every lora_B matrix is zero: this adapter is the untrained start and changes nothing.")
     return tensors
 
-# %% ../nbs/08_saving.ipynb #632af33c
+# %% ../nbs/08_saving.ipynb #f84b9422
 FINGERPRINT_KEYS = ('model_type', 'hidden_size', 'intermediate_size', 'num_hidden_layers', 'num_attention_heads',
                     'num_key_value_heads', 'vocab_size')
 
@@ -77,7 +77,7 @@ def base_identity(model: nn.Module, cfg: QLoRAConfig | None = None) -> dict:
     if not name: raise AdapterError("Cannot tell which base model this adapter belongs to: pass cfg.")
     return dict(model=name, revision=revision, fingerprint=base_fingerprint(model.config))
 
-# %% ../nbs/08_saving.ipynb #c5b5cc99
+# %% ../nbs/08_saving.ipynb #3967317e
 def _fsync(path: Path):
     fd = os.open(path, os.O_RDONLY)
     try: os.fsync(fd)
@@ -109,7 +109,7 @@ def atomic_folder(path, write) -> Path:
         if staging.exists(): shutil.rmtree(staging, ignore_errors=True)
     return path
 
-# %% ../nbs/08_saving.ipynb #c980428f
+# %% ../nbs/08_saving.ipynb #7db98215
 VERSIONED = ('torch', 'transformers', 'peft', 'bitsandbytes', 'accelerate', 'qlora_nb')
 
 def versions() -> dict:
@@ -135,7 +135,7 @@ def _quantization(model) -> dict | None:
     if q is None: return None
     return json.loads(_json(q.to_dict() if hasattr(q, 'to_dict') else dict(q)))
 
-# %% ../nbs/08_saving.ipynb #bb43ac11
+# %% ../nbs/08_saving.ipynb #2584045a
 def _rows(d: dict) -> list:
     return [f"| {k} | {json.dumps(v, default=_jsonable) if not isinstance(v, str) else v} |" for k, v in d.items()]
 
@@ -165,7 +165,7 @@ def model_card(record: dict) -> str:
               *[f"| {n} | {f['size']:,} | `{f['sha256']}` |" for n, f in record['files'].items()], '']
     return '\n'.join(lines)
 
-# %% ../nbs/08_saving.ipynb #e0a7e523
+# %% ../nbs/08_saving.ipynb #0dba5f0e
 def save_adapter(model: PeftModel, tokenizer, path, cfg: QLoRAConfig | None = None, metrics: dict | None = None) -> Path:
     "Write the LoRA weights, config, tokenizer, `qlora_nb.json` record and model card to `path`, atomically."
     tensors = lora_tensors(model)                 # refuse an empty or broken adapter before writing anything
@@ -188,7 +188,7 @@ def save_adapter(model: PeftModel, tokenizer, path, cfg: QLoRAConfig | None = No
         (folder/CARD).write_text(model_card(record))
     return atomic_folder(path, write)
 
-# %% ../nbs/08_saving.ipynb #1e223187
+# %% ../nbs/08_saving.ipynb #a1d021e0
 def size_table(path, model: nn.Module) -> dict:
     "Bytes of the adapter's weights file against its base in 4 bits (as loaded) and in 16 bits."
     fp = footprint(model)
@@ -206,7 +206,7 @@ def plot_sizes(sizes: dict, title: str = ''):
     for y, v in enumerate(mib): ax.text(v, y, f" {v:.2f}", va='center', fontsize=8)
     ax.set_xlabel('MiB'); ax.set_title(title); plt.show()
 
-# %% ../nbs/08_saving.ipynb #6e987cc6
+# %% ../nbs/08_saving.ipynb #ccafbc30
 def _read_json(path: Path) -> dict:
     try: value = json.loads(path.read_text())
     except FileNotFoundError: raise AdapterError(f"{path} is missing.") from None
@@ -239,7 +239,7 @@ def check_adapter(path) -> dict:
             raise AdapterError(f"{f} does not match its record in {RECORD} (size or SHA-256): the file changed or is corrupt.")
     return dict(folder=folder, config=config, record=record, shapes=_shapes(folder/ADAPTER_WEIGHTS))
 
-# %% ../nbs/08_saving.ipynb #27334ea3
+# %% ../nbs/08_saving.ipynb #38856649
 def _same_model(a: str, b: str) -> bool:
     if a == b: return True
     try: return os.path.realpath(resolve_model(a)) == os.path.realpath(resolve_model(b))
@@ -295,7 +295,7 @@ def check_fingerprint(info: dict, cfg: QLoRAConfig, tokenizer=None, allow_other_
     if not allow_other_base: raise WrongBaseError(msg)
     warnings.warn(msg + " Continuing (allow_other_base=True); tensor shapes are still checked.")
 
-# %% ../nbs/08_saving.ipynb #57bfed08
+# %% ../nbs/08_saving.ipynb #998303af
 def _listing(keys) -> str:
     keys = sorted(keys)
     return ', '.join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else '')
@@ -342,7 +342,7 @@ def attach_adapter(model: nn.Module, path, info: dict | None = None) -> PeftMode
     if left: raise AdapterError(f"peft did not load {len(left)} adapter tensors from {folder/ADAPTER_WEIGHTS}: {_listing(left)}.")
     return peft_model.eval()
 
-# %% ../nbs/08_saving.ipynb #1a027e32
+# %% ../nbs/08_saving.ipynb #690adc31
 def _tokenizer(info: dict, cfg: QLoRAConfig):
     from transformers import AutoTokenizer
     if (info['folder']/'tokenizer_config.json').exists(): return AutoTokenizer.from_pretrained(info['folder'])
@@ -364,7 +364,7 @@ def load_adapter(path, cfg: QLoRAConfig | None = None, quantize: bool = True, al
     model = load_model(base_cfg, tokenizer, quantize=quantize)
     return attach_adapter(model, path, info), tokenizer
 
-# %% ../nbs/08_saving.ipynb #ecf33723
+# %% ../nbs/08_saving.ipynb #46db436b
 def free_memory() -> int:
     "Bytes free where `load_model` puts a model: the GPU's free memory with CUDA, else the RAM the system has available."
     if has_cuda(): return torch.cuda.mem_get_info()[0]
@@ -381,7 +381,7 @@ def release_memory():
     gc.collect()
     if has_cuda(): torch.cuda.empty_cache()
 
-# %% ../nbs/08_saving.ipynb #91e8e5e4
+# %% ../nbs/08_saving.ipynb #75742644
 def _eval_ready(model: nn.Module) -> nn.Module:
     keep_cpu_layout_trainable(model)   # evaluating a 4-bit model on the CPU must not repack it (see step 2)
     return model.eval()
@@ -409,7 +409,7 @@ def logit_agreement(reference: list, other: list) -> dict:
                 top1_agreement=(ref.argmax(-1) == oth.argmax(-1)).float().mean().item(),
                 per_token_kl=kl, per_token_max_diff=(ref - oth).abs().amax(-1))
 
-# %% ../nbs/08_saving.ipynb #2d75f856
+# %% ../nbs/08_saving.ipynb #4827c56b
 class Table:
     "Rows of dicts shown as an HTML table in a notebook and as aligned text elsewhere."
     def __init__(self, rows: list, title: str = ''): self.rows, self.title = list(rows), title
@@ -446,7 +446,7 @@ def compare_generations(model: PeftModel, tokenizer, prompts: list, max_new_toke
     model.train(was_training)
     return rows
 
-# %% ../nbs/08_saving.ipynb #1382c9ac
+# %% ../nbs/08_saving.ipynb #04a197d6
 def dequantize_linear4bit(layer: nn.Module, dtype: torch.dtype | None = None) -> nn.Linear:
     "A plain `nn.Linear` holding the dequantized weights of a bitsandbytes `Linear4bit`."
     import bitsandbytes.functional as bnbF
@@ -470,7 +470,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
     model.is_quantized = False
     return model.to(dtype) if dtype is not None else model
 
-# %% ../nbs/08_saving.ipynb #78a3eeb7
+# %% ../nbs/08_saving.ipynb #f3e9367e
 MERGE_BASES = ('dequantized', 'original')
 
 def merge_adapter(path, out_path, base: str = 'dequantized', cfg: QLoRAConfig | None = None,
@@ -494,7 +494,7 @@ def merge_adapter(path, out_path, base: str = 'dequantized', cfg: QLoRAConfig | 
     if verbose: print(f"Merged into the {base} weights of {record['base']!r}, in {record['merged']['dtype']}: {out}")
     return out
 
-# %% ../nbs/08_saving.ipynb #d10a0aa1
+# %% ../nbs/08_saving.ipynb #6dd2c15a
 MERGE_LABELS = {'dequantized': 'merged into dequantized NF4', 'original': 'merged into original 16-bit'}
 
 def merge_report(path, texts: list, merged: dict | None = None, cfg: QLoRAConfig | None = None,

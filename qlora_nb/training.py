@@ -8,7 +8,7 @@ __all__ = ['MANIFEST', 'choose_optimizer', 'total_steps', 'training_arguments', 
            'CheckpointKeeper', 'in_notebook', 'memory_now', 'TrainingMonitor', 'check_resume_compatible',
            'make_trainer', 'answer_accuracy', 'train']
 
-# %% ../nbs/07_training.ipynb #93aac85d
+# %% ../nbs/07_training.ipynb #bbc57b7f
 import os, sys, json, math, time, shutil, hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +19,7 @@ from transformers import Trainer, TrainingArguments, TrainerCallback
 from .core import choose_precision, has_cuda, in_test, seed_everything, manifest, Precision
 from .config import QLoRAConfig, validate, save_config
 
-# %% ../nbs/07_training.ipynb #e3db95a3
+# %% ../nbs/07_training.ipynb #b86c5381
 def choose_optimizer(cfg: QLoRAConfig, cuda: bool | None = None, verbose: bool = True) -> str:
     "The Trainer's `optim` name for `cfg`: paged 8-bit AdamW on CUDA, PyTorch AdamW on the CPU (announced)."
     cuda = has_cuda() if cuda is None else cuda
@@ -30,7 +30,7 @@ def choose_optimizer(cfg: QLoRAConfig, cuda: bool | None = None, verbose: bool =
     if verbose: print(f"Optimizer: {wanted}.")
     return wanted
 
-# %% ../nbs/07_training.ipynb #92a76f2a
+# %% ../nbs/07_training.ipynb #3541e4bf
 def total_steps(cfg: QLoRAConfig, n_train: int) -> int:
     "Optimizer steps for `cfg` on `n_train` examples: `max_steps` if set, else epochs over the data."
     if cfg.max_steps > 0: return cfg.max_steps
@@ -54,7 +54,7 @@ def training_arguments(cfg: QLoRAConfig, n_train: int, output_dir: str | None = 
         seed=cfg.seed, data_seed=cfg.seed, report_to=[], remove_unused_columns=False,
         dataloader_num_workers=0, disable_tqdm=in_test())
 
-# %% ../nbs/07_training.ipynb #2b0b93dd
+# %% ../nbs/07_training.ipynb #08210441
 class NonFiniteError(RuntimeError):
     "Training produced a NaN or Inf loss or gradient."
 
@@ -84,7 +84,7 @@ class NanWatch(TrainerCallback):
             raise NonFiniteError(f"Gradient norm is {norm} at step {state.global_step + 1}: training stopped before the "
                                  "optimizer step; the last checkpoint is intact.")
 
-# %% ../nbs/07_training.ipynb #ff316137
+# %% ../nbs/07_training.ipynb #eb7dc554
 MANIFEST = 'manifest.json'
 
 def _sha256(path: Path) -> str:
@@ -122,7 +122,7 @@ def checkpoints(output_dir) -> list:
     found = [p for p in d.glob('checkpoint-*') if p.is_dir() and p.name.split('-')[-1].isdigit()] if d.is_dir() else []
     return sorted(found, key=lambda p: int(p.name.split('-')[-1]))
 
-# %% ../nbs/07_training.ipynb #342792c1
+# %% ../nbs/07_training.ipynb #e121e740
 def find_checkpoint(output_dir, verbose: bool = True) -> Path | None:
     "The newest verified checkpoint in `output_dir`; newer, unverified ones are renamed aside, never resumed."
     for folder in reversed(checkpoints(output_dir)):
@@ -145,7 +145,7 @@ class CheckpointKeeper(TrainerCallback):
         done = [c for c in checkpoints(args.output_dir) if (c/MANIFEST).is_file()]
         for old in done[:-self.keep]: shutil.rmtree(old)
 
-# %% ../nbs/07_training.ipynb #d7ec4524
+# %% ../nbs/07_training.ipynb #14a9bf43
 def in_notebook() -> bool:
     "True inside a Jupyter kernel (Colab included), where figures can update in place."
     try:
@@ -164,7 +164,7 @@ def memory_now() -> dict:
         import resource; rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return dict(process=rss / 2**30)
 
-# %% ../nbs/07_training.ipynb #bd98946c
+# %% ../nbs/07_training.ipynb #fb92905b
 class TrainingMonitor(TrainerCallback):
     "Collect loss, eval loss, learning rate, gradient norm and memory; plot them live in a notebook."
     def __init__(self, live: bool | None = None, redraw_seconds: float = 2.0):
@@ -235,7 +235,7 @@ class TrainingMonitor(TrainerCallback):
         fig = self.figure(); fig.savefig(path, dpi=110); plt.close(fig)
         return Path(path)
 
-# %% ../nbs/07_training.ipynb #1ca6e53b
+# %% ../nbs/07_training.ipynb #dc0de85a
 def check_resume_compatible(checkpoint, model):
     "Raise if `checkpoint` is not a sealed checkpoint or its adapter's shape or targets differ from `model`'s."
     checkpoint = Path(checkpoint)
@@ -266,7 +266,7 @@ def make_trainer(model, tokenizer, cfg: QLoRAConfig, data: dict, output_dir: str
     trainer.monitor = monitor
     return trainer
 
-# %% ../nbs/07_training.ipynb #1ef26d6f
+# %% ../nbs/07_training.ipynb #d26703b4
 @torch.no_grad()
 def answer_accuracy(model, tokenizer, pairs: list, batch_size: int = 64, max_new_tokens: int | None = None,
                     show: int = 0) -> float:
@@ -290,7 +290,7 @@ def answer_accuracy(model, tokenizer, pairs: list, batch_size: int = 64, max_new
         model.train(was_training); tokenizer.padding_side = side
     return right / len(pairs)
 
-# %% ../nbs/07_training.ipynb #9e1215a5
+# %% ../nbs/07_training.ipynb #c2f5368a
 def train(cfg: QLoRAConfig, output_dir: str | None = None, resume: bool | str = False, monitor: TrainingMonitor | None = None,
           model=None, tokenizer=None, data: dict | None = None, before_training=None):
     "Run step 6 for `cfg`, building what is not given; `resume=True` continues from the newest verified checkpoint."

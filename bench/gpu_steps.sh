@@ -11,6 +11,6 @@ IN_TEST=1 python3 tools/run_notebook.py nbs/00_core.ipynb nbs/01_config.ipynb nb
 IN_TEST=1 python3 tools/run_notebook.py nbs/07_training.ipynb --flags cuda 2>&1 | grep -v -i "warn" | tail -c 20000 > $OUT/train_nb.log
 python3 -c "from qlora_nb.cli import main; import sys; sys.exit(main(['train', '--set', 'max_steps=30', '--set', 'eval_steps=15', '--set', 'save_steps=15', '--set', 'logging_steps=5', '--set', 'max_length=256', '--output-dir', '/tmp/run7b']))" 2>&1 | grep -v -i "warn" | tail -c 8000 > $OUT/main_job.log
 cp /tmp/run7b/training.png $OUT/training_7b.png; python3 -c "import json; m=json.load(open('/tmp/run7b/metrics.json')); m.pop('history'); m.pop('config'); print(json.dumps(m, indent=1))" > $OUT/metrics_7b.json
-tail -5 $OUT/steps.log $OUT/train_nb.log $OUT/main_job.log
+tail -n 5 $OUT/steps.log $OUT/train_nb.log $OUT/main_job.log
 IN_TEST=1 timeout 200 python3 tools/run_notebook.py nbs/08_saving.ipynb --flags cuda 2>&1 | grep -v -i "warn" | tail -c 20000 > $OUT/saving_nb.log
 tail -3 $OUT/saving_nb.log

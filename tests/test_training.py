@@ -36,8 +36,6 @@ RUN = textwrap.dedent('''
     class Kill(TrainerCallback):
         def on_save(self, args, state, control, **kw):
             if state.global_step == kill_at: os._exit(17)   # like a SIGKILL: no cleanup runs
-    class Seen(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw): pass
     trainer = train(cfg, out, resume=resume, before_training=lambda t: t.add_callback(Kill()))
     save_file({n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}, out + '/final.safetensors')
 ''')

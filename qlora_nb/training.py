@@ -304,7 +304,7 @@ def train(cfg: QLoRAConfig, output_dir: str | None = None, resume: bool | str = 
         checkpoint = find_checkpoint(output_dir) if resume is True else Path(resume)
         if checkpoint is None: raise FileNotFoundError(f"No verified checkpoint in {output_dir!r} to resume from.")
     elif checkpoints(output_dir):
-        raise FileExistsError(f"{output_dir!r} already holds checkpoints: pass resume=True to continue, or choose another output_dir.")
+        raise FileExistsError(f"{output_dir!r} already holds checkpoints: pass resume=True (--resume on the command line) to continue, or choose another output_dir (--output-dir).")
     monitor = monitor or TrainingMonitor()
     tokenizer = tokenizer or load_tokenizer(cfg)
     data = data or build_datasets(cfg, tokenizer)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from .core import manifest, seed_everything, has_cuda
+from .core import manifest, has_cuda
 from .config import QLoRAConfig, TINY_DATASET, get_config, load_config, save_config, to_dict, update, PRESETS
 
 # %% ../nbs/13_cli.ipynb #dd5755e6
@@ -30,7 +30,7 @@ def run_workflow(cfg: QLoRAConfig, output_dir: str | None = None, resume: bool =
     from qlora_nb.loading import load_model, load_tokenizer
     from qlora_nb.peft_model import create_peft_model, check_trainable
     from qlora_nb.data import build_datasets, eval_pairs
-    from qlora_nb.training import TrainingMonitor, train, answer_accuracy
+    from qlora_nb.training import TrainingMonitor, train
     from qlora_nb.saving import save_adapter
     start = time.time()
     out = Path(output_dir or cfg.output_dir); out.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,6 @@ __all__ = ['enable_checkpointing', 'is_checkpointing', 'prepare_for_kbit_trainin
            'upcast_cost']
 
 # %% ../nbs/04_kbit.ipynb #6e6a8a56
-import torch
 from torch import nn
 
 from .config import QLoRAConfig

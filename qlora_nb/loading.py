@@ -8,7 +8,7 @@ __all__ = ['TINY_CHAT_TEMPLATE', 'PAD_CANDIDATES', 'tiny_tokenizer', 'tiny_llama
            'keep_cpu_layout_trainable', 'load_model', 'footprint', 'plot_footprint']
 
 # %% ../nbs/03_loading.ipynb #ffd49fb5
-import os, json, shutil, tempfile
+import os, shutil, tempfile
 from pathlib import Path
 
 import torch
@@ -127,7 +127,7 @@ def load_model(cfg: QLoRAConfig, tokenizer=None, quantize: bool = True):
     "Load `cfg.model` in 4 bits (or in the compute dtype with `quantize=False`), ready for the next step."
     validate(cfg)
     precision = choose_precision(cfg.compute_dtype)   # refuses bf16 on a T4 before any download
-    model_config = load_model_config(cfg)             # refuses a bad path or name before any download
+    load_model_config(cfg)                            # refuses a bad path or name before any download
     source = resolve_model(cfg.model)
     kwargs = dict(revision=cfg.revision, dtype=precision.compute_dtype,
                   device_map={'': 0} if has_cuda() else 'cpu')

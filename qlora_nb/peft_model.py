@@ -12,7 +12,7 @@ from peft import get_peft_model, PeftModel
 
 from .config import QLoRAConfig
 from .lora import lora_config
-from .kbit import prepare_for_kbit_training, describe, parameter_group
+from .kbit import prepare_for_kbit_training, parameter_group
 
 # %% ../nbs/06_peft_model.ipynb #870234b1
 def check_trainable(model: nn.Module) -> dict:

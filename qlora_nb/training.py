@@ -9,15 +9,14 @@ __all__ = ['MANIFEST', 'choose_optimizer', 'total_steps', 'training_arguments', 
            'make_trainer', 'answer_accuracy', 'train']
 
 # %% ../nbs/07_training.ipynb #bbc57b7f
-import os, sys, json, math, time, shutil, hashlib
-from dataclasses import dataclass, field
+import os, json, math, time, shutil, hashlib
 from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainingArguments, TrainerCallback
 
-from .core import choose_precision, has_cuda, in_test, seed_everything, manifest, Precision
-from .config import QLoRAConfig, validate, save_config
+from .core import choose_precision, has_cuda, in_test, seed_everything, Precision
+from .config import QLoRAConfig, validate
 
 # %% ../nbs/07_training.ipynb #b86c5381
 def choose_optimizer(cfg: QLoRAConfig, cuda: bool | None = None, verbose: bool = True) -> str:

@@ -1,6 +1,5 @@
 """Every notebook runs top to bottom, as `nbdev_test` runs it: offline, with `IN_TEST=1`, skipping the cells
 flagged `#| slow`, `#| cuda` or `#| eval: false`."""
-import os
 from pathlib import Path
 import pytest
 from nbdev.config import get_config

@@ -5,8 +5,7 @@ import pytest, torch
 from safetensors.torch import load_file
 
 from qlora_nb.config import get_config
-from qlora_nb.training import (train, find_checkpoint, verify_checkpoint, checkpoints, write_manifest,
-                               check_resume_compatible, NonFiniteError, MANIFEST)
+from qlora_nb.training import (train, find_checkpoint, verify_checkpoint, checkpoints, check_resume_compatible, NonFiniteError, MANIFEST)
 
 ENV = {**os.environ, 'HF_HUB_OFFLINE': '1', 'PYTHONUNBUFFERED': '1'}
 ENV.pop('IN_TEST', None)

@@ -57,6 +57,9 @@ class QLoRAConfig:
     max_grad_norm: float = 1.0
     optimizer: str = 'auto'            # 'auto': paged 8-bit AdamW on CUDA, AdamW on the CPU
     gradient_checkpointing: bool = True
+    auto_micro_batch: bool = False     # on a GPU: the largest micro-batch the memory estimate fits, same effective batch
+    oom_backoff: bool = True           # on running out of GPU memory: halve micro_batch, double grad_accum, resume
+    checkpoint_mirror: str | None = None  # a second folder (a mounted Google Drive) that gets a verified copy of each checkpoint
     seed: int = 42
     logging_steps: int = 10
     eval_steps: int = 50
@@ -125,6 +128,10 @@ def problems(cfg: QLoRAConfig) -> list:
     p += _positive('max_grad_norm', cfg.max_grad_norm)
     p += _choice('optimizer', cfg.optimizer, OPTIMIZERS)
     for name in ('logging_steps', 'eval_steps', 'save_steps', 'save_total_limit'): p += _positive(name, getattr(cfg, name), int)
+    for name in ('gradient_checkpointing', 'auto_micro_batch', 'oom_backoff', 'packing', 'train_on_prompt', 'double_quant'):
+        if not isinstance(getattr(cfg, name), bool): p.append(f"{name}={getattr(cfg, name)!r} must be True or False.")
+    if cfg.checkpoint_mirror is not None and (not isinstance(cfg.checkpoint_mirror, str) or not cfg.checkpoint_mirror.strip()):
+        p.append(f"checkpoint_mirror={cfg.checkpoint_mirror!r} must be a folder path (e.g. '/content/drive/MyDrive/qlora_nb') or None.")
     return p
 
 def validate(cfg: QLoRAConfig) -> QLoRAConfig:
@@ -140,7 +147,7 @@ PRESETS = {
                  lr_scheduler='cosine', gradient_checkpointing=False, logging_steps=20, eval_steps=200,
                  save_steps=400, output_dir='runs/tiny'),
     'colab-t4': dict(model='Qwen/Qwen2.5-7B', dataset='yahma/alpaca-cleaned', max_length=1024, micro_batch=1,
-                     grad_accum=16, learning_rate=2e-4, epochs=1, compute_dtype='float16', optimizer='paged_adamw_8bit',
+                     grad_accum=16, auto_micro_batch=True, learning_rate=2e-4, epochs=1, compute_dtype='float16', optimizer='paged_adamw_8bit',
                      save_steps=50, eval_steps=100, output_dir='runs/colab-t4'),
     '7b': dict(model='Qwen/Qwen2.5-7B', dataset='yahma/alpaca-cleaned', max_length=2048, micro_batch=4,
                grad_accum=4, learning_rate=2e-4, epochs=1, optimizer='paged_adamw_8bit', output_dir='runs/7b'),

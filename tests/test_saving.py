@@ -159,6 +159,13 @@ def test_base_of_another_shape_is_refused(trained, tmp_path, monkeypatch):
         m.setattr(saving, 'load_model', lambda *a, **k: pytest.fail('weights loaded before the shape check'))
         load_adapter(trained['path'], get_config('tiny', model=narrow), allow_other_base=True)
 
+def test_narrower_and_shallower_base_is_named_a_shape_mismatch(trained, tmp_path):
+    "Fewer layers also leave adapter tensors without a place; the shape difference is still what the error names."
+    small = make_base(tmp_path/'small', hidden_size=96, intermediate_size=288, num_hidden_layers=2)
+    with warnings.catch_warnings(), pytest.raises(WrongBaseError, match=r'another shape.*in the model; also, 28 adapter tensors have no place in this model\.'):
+        warnings.simplefilter('ignore')
+        load_adapter(trained['path'], get_config('tiny', model=small), allow_other_base=True)
+
 def test_same_shape_other_id_or_revision_is_refused_unless_allowed(trained, tmp_path):
     other = make_base(tmp_path/'other', seed=1)
     with pytest.raises(WrongBaseError, match=f"trained on 'qlora_nb/tiny-llama'.*asked for is '{other}'"):

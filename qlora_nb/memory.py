@@ -8,7 +8,7 @@ __all__ = ['GiB', 'SHAPES', 'OPTIMIZER_STATE_BYTES', 'CUDA_CONTEXT', 'ALLOCATOR_
            'compute_bytes', 'weight_bytes', 'lora_targets', 'lora_params', 'layer_activation_bytes', 'checkpoint_bytes',
            'loss_bytes', 'backward_work_bytes', 'MemoryEstimate', 'estimate_memory', 'measured_peaks',
            'reference_config', 'check_against_measured', 'gpu_bytes', 'fits', 'smallest_gpu', 'plot_memory',
-           'fix_config', 'cheapest_fix']
+           'fix_config', 'cheapest_fix', 'divisors', 'fit_micro_batch']
 
 # %% ../nbs/11_memory.ipynb #e47254fe
 import json, math
@@ -95,6 +95,9 @@ SHAPES = {
                       num_attention_heads=32, num_key_value_heads=32),
     'llama3-8b': dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                       num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0),
+    # the colab-t4 preset's model, Qwen2.5-7B: a 152k vocabulary, grouped-query attention (4 KV heads), biases on q, k, v
+    'qwen2.5-7b': dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, rope_theta=1000000.0, attention_bias=True),
 }
 
 def llama_config(shape: str, **overrides):
@@ -382,3 +385,16 @@ def cheapest_fix(model_config, cfg: QLoRAConfig, gpu, upcast_embeddings: bool = 
     after = estimate_memory(shape, fixed, upcast_embeddings)
     return (f"To fit the {gpu_name} ({cap:.1f} GiB): {_describe_changes(cfg, fixed)}. "
             f"That needs {after.required / GiB:.1f} GiB instead of {before.required / GiB:.1f} GiB.")
+
+# %% ../nbs/11_memory.ipynb #2ae2b7e1
+def divisors(n: int) -> list:
+    "The whole numbers that divide `n`, largest first."
+    return [d for d in range(n, 0, -1) if n % d == 0]
+
+def fit_micro_batch(model_config, cfg: QLoRAConfig, gpu, upcast_embeddings: bool = False) -> QLoRAConfig:
+    "`cfg` split into the largest micro-batch that fits `gpu`, with `grad_accum` making up the same effective batch (1 if none fits)."
+    shape = model_shape(model_config)
+    for mb in divisors(cfg.effective_batch):
+        split = replace(cfg, micro_batch=mb, grad_accum=cfg.effective_batch // mb)
+        if fits(estimate_memory(shape, split, upcast_embeddings), gpu): return split
+    return replace(cfg, micro_batch=1, grad_accum=cfg.effective_batch)

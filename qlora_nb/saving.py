@@ -24,7 +24,7 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import safe_open, SafetensorError
 from safetensors.torch import load_file
 
-from .core import package_version, choose_precision, has_cuda
+from .core import package_version, choose_precision, has_cuda, gpu_memory_bytes
 from .config import QLoRAConfig, to_dict, validate
 from .loading import (load_model, load_tokenizer, load_model_config, resolve_model, quantized_layers,
                               keep_cpu_layout_trainable, footprint)
@@ -125,7 +125,7 @@ def _sha256(path: Path) -> str:
 def _jsonable(o):
     if hasattr(o, 'item') and callable(o.item): return o.item()   # numpy and torch scalars
     if isinstance(o, (Path, torch.dtype)): return str(o)
-    raise TypeError(f"{o!r} (a {type(o).__name__}) cannot be written to JSON: pass metrics as numbers and strings.")
+    raise TypeError(f"A value of type {type(o).__name__} cannot be written to JSON: pass metrics as numbers and strings.")
 
 def _json(value) -> str:
     return json.dumps(value, indent=1, default=_jsonable)
@@ -312,12 +312,15 @@ def _compare(peft_model: PeftModel, info: dict):
     folder, saved = info['folder'], info['shapes']
     expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(peft_model, save_embedding_layers=False).items()}
     missing, unexpected = set(expected) - set(saved), set(saved) - set(expected)
+    misshapen = [f"{k}: {saved[k]} in the file, {expected[k]} in the model" for k in expected if k in saved and saved[k] != expected[k]]
+    if misshapen:   # checked first: a wider or deeper base also leaves tensors without a place, but the shape says why
+        also = ([f"{len(unexpected)} adapter tensors have no place in this model"] if unexpected else []) + \
+               ([f"{len(missing)} adapter places in this model have no tensor in the file"] if missing else [])
+        extra = f"; also, {' and '.join(also)}" if also else ''
+        raise WrongBaseError(f"The adapter at {folder} was trained on a base of another shape: {len(misshapen)} tensors "
+                             f"differ, e.g. {misshapen[0]}{extra}.")
     if missing: raise AdapterError(f"{folder/ADAPTER_WEIGHTS} lacks {len(missing)} adapter tensors the model needs: {_listing(missing)}.")
     if unexpected: raise AdapterError(f"{folder/ADAPTER_WEIGHTS} holds {len(unexpected)} tensors this model has no place for: {_listing(unexpected)}.")
-    misshapen = [f"{k}: {saved[k]} in the file, {expected[k]} in the model" for k in expected if saved[k] != expected[k]]
-    if misshapen:
-        raise WrongBaseError(f"The adapter at {folder} was trained on a base of another shape: {len(misshapen)} tensors "
-                             f"differ, e.g. {misshapen[0]}.")
 
 def check_fits(info: dict, cfg: QLoRAConfig, tokenizer=None):
     "Check that the adapter's tensors fit the base `cfg` names, on a weightless (meta device) copy of it."
@@ -366,8 +369,8 @@ def load_adapter(path, cfg: QLoRAConfig | None = None, quantize: bool = True, al
 
 # %% ../nbs/08_saving.ipynb #46db436b
 def free_memory() -> int:
-    "Bytes free where `load_model` puts a model: the GPU's free memory with CUDA, else the RAM the system has available."
-    if has_cuda(): return torch.cuda.mem_get_info()[0]
+    "Bytes free where `load_model` puts a model: the GPU's free memory (within a `limit_gpu_memory` cap), else the RAM available."
+    if has_cuda(): return min(torch.cuda.mem_get_info()[0], gpu_memory_bytes() - torch.cuda.memory_reserved())
     try:
         with open('/proc/meminfo') as f:
             for line in f:

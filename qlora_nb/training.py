@@ -5,18 +5,20 @@
 # %% auto #0
 __all__ = ['MANIFEST', 'choose_optimizer', 'total_steps', 'training_arguments', 'NonFiniteError', 'trainable_grad_norm',
            'QLoRATrainer', 'NanWatch', 'write_manifest', 'verify_checkpoint', 'checkpoints', 'find_checkpoint',
-           'CheckpointKeeper', 'in_notebook', 'memory_now', 'TrainingMonitor', 'check_resume_compatible',
-           'make_trainer', 'answer_accuracy', 'train']
+           'CheckpointKeeper', 'copy_checkpoint', 'CheckpointMirror', 'newest_checkpoint', 'in_notebook', 'memory_now',
+           'TrainingMonitor', 'check_resume_compatible', 'make_trainer', 'answer_accuracy', 'GPUOutOfMemoryError',
+           'is_out_of_memory', 'smaller_micro_batch', 'out_of_memory_advice', 'batch_that_worked', 'auto_split',
+           'train']
 
 # %% ../nbs/07_training.ipynb #bbc57b7f
-import os, json, math, time, shutil, hashlib
+import os, gc, json, math, time, shutil, hashlib, warnings
 from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainingArguments, TrainerCallback
 
-from .core import choose_precision, has_cuda, in_test, seed_everything, Precision
-from .config import QLoRAConfig, validate
+from .core import choose_precision, has_cuda, in_test, seed_everything, Precision, limit_gpu_memory, gpu_memory_bytes
+from .config import QLoRAConfig, validate, update
 
 # %% ../nbs/07_training.ipynb #b86c5381
 def choose_optimizer(cfg: QLoRAConfig, cuda: bool | None = None, verbose: bool = True) -> str:
@@ -50,7 +52,7 @@ def training_arguments(cfg: QLoRAConfig, n_train: int, output_dir: str | None = 
         logging_steps=cfg.logging_steps, logging_nan_inf_filter=False,
         eval_strategy='steps' if has_eval else 'no', eval_steps=cfg.eval_steps,
         save_strategy='steps', save_steps=cfg.save_steps, save_total_limit=None,  # rotation is ours: after verification
-        seed=cfg.seed, data_seed=cfg.seed, report_to=[], remove_unused_columns=False,
+        seed=cfg.seed, data_seed=cfg.seed, report_to=[], remove_unused_columns=False, include_num_input_tokens_seen='non_padding',
         dataloader_num_workers=0, disable_tqdm=in_test())
 
 # %% ../nbs/07_training.ipynb #08210441
@@ -92,13 +94,13 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b''): h.update(chunk)
     return h.hexdigest()
 
-def write_manifest(folder) -> Path:
-    "Record every file of `folder` (size and SHA-256), atomically, as the checkpoint's mark of completion."
+def write_manifest(folder, batch: dict | None = None) -> Path:
+    "Record every file of `folder` (size and SHA-256), and the batch split that ran, atomically: the checkpoint's mark of completion."
     folder = Path(folder)
     files = {p.name: dict(size=p.stat().st_size, sha256=_sha256(p)) for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
     tmp = folder/(MANIFEST + '.tmp')
     with open(tmp, 'w') as f:
-        json.dump(dict(files=files, written=time.time()), f, indent=1); f.flush(); os.fsync(f.fileno())
+        json.dump(dict(files=files, batch=batch, written=time.time()), f, indent=1); f.flush(); os.fsync(f.fileno())
     os.replace(tmp, folder/MANIFEST)
     return folder/MANIFEST
 
@@ -140,9 +142,48 @@ class CheckpointKeeper(TrainerCallback):
         if model is not None and not all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad):
             shutil.rmtree(folder, ignore_errors=True)
             raise NonFiniteError(f"Adapter weights are not finite at step {state.global_step}; that checkpoint was not kept.")
-        write_manifest(folder)
+        write_manifest(folder, batch=dict(micro_batch=args.per_device_train_batch_size, grad_accum=args.gradient_accumulation_steps))
         done = [c for c in checkpoints(args.output_dir) if (c/MANIFEST).is_file()]
         for old in done[:-self.keep]: shutil.rmtree(old)
+
+# %% ../nbs/07_training.ipynb #3a4f690c
+def copy_checkpoint(folder, mirror_dir) -> Path:
+    "Copy the sealed checkpoint `folder` into `mirror_dir`; it appears under its own name only once every file there verifies."
+    folder, mirror_dir = Path(folder), Path(mirror_dir)
+    problem = verify_checkpoint(folder)
+    if problem: raise ValueError(f"Not copying {folder}: {problem}.")
+    mirror_dir.mkdir(parents=True, exist_ok=True)
+    partial = mirror_dir/f'.{folder.name}.partial'
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(folder, partial)
+    problem = verify_checkpoint(partial)        # read back from the mirror: sizes and hashes against the manifest
+    if problem:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise OSError(f"The copy of {folder.name} in {mirror_dir} did not verify ({problem}).")
+    final = mirror_dir/folder.name
+    if final.exists(): shutil.rmtree(final)
+    partial.rename(final)
+    return final
+
+class CheckpointMirror(TrainerCallback):
+    "After each sealed checkpoint, put a verified copy in `mirror_dir` (e.g. a mounted Google Drive), then rotate older copies."
+    def __init__(self, mirror_dir, keep: int = 2, attempts: int = 2):
+        self.mirror_dir, self.keep, self.attempts = Path(mirror_dir), keep, attempts
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir)/f'checkpoint-{state.global_step}'
+        for attempt in range(self.attempts):
+            try: copy_checkpoint(folder, self.mirror_dir); break
+            except OSError as e: error = e
+        else:
+            warnings.warn(f"{error} Training goes on; the mirror keeps its older checkpoints.")
+            return
+        for old in checkpoints(self.mirror_dir)[:-self.keep]: shutil.rmtree(old)
+
+def newest_checkpoint(output_dir, mirror_dir=None, verbose: bool = True) -> Path | None:
+    "The newest verified checkpoint in `output_dir`, or in `mirror_dir` where that one is newer (after a disconnect, the only one)."
+    found = [c for c in (find_checkpoint(output_dir, verbose),
+                         find_checkpoint(mirror_dir, verbose) if mirror_dir else None) if c is not None]
+    return max(found, key=lambda c: int(c.name.split('-')[-1])) if found else None
 
 # %% ../nbs/07_training.ipynb #14a9bf43
 def in_notebook() -> bool:
@@ -176,6 +217,13 @@ class TrainingMonitor(TrainerCallback):
         "Note a phase of the workflow (load, prepare, first step) on the memory timeline."
         t = time.time() - self.t0
         self.phases.append((t, phase)); self.memory.append((t, memory_now()))
+
+    def rewind(self, step: int):
+        "Forget what was recorded after optimizer step `step`: a run that restarts from there records those steps again."
+        kept = [i for i, s in enumerate(self.steps) if s <= step]
+        self.steps, self.step_loss = [self.steps[i] for i in kept], [self.step_loss[i] for i in kept]
+        self.logged = [l for l in self.logged if l['step'] <= step]
+        self.evals = [e for e in self.evals if e[0] <= step]
 
     def on_step_end(self, args, state, control, **kwargs):
         losses = getattr(self.trainer, '_step_losses', []) if self.trainer else []
@@ -260,7 +308,8 @@ def make_trainer(model, tokenizer, cfg: QLoRAConfig, data: dict, output_dir: str
     monitor = monitor or TrainingMonitor()
     trainer = QLoRATrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
                            data_collator=collator(tokenizer, cfg), processing_class=tokenizer,
-                           callbacks=[NanWatch(check_grads=not precision.fp16), CheckpointKeeper(cfg.save_total_limit), monitor])
+                           callbacks=[NanWatch(check_grads=not precision.fp16), CheckpointKeeper(cfg.save_total_limit), monitor]
+                                     + ([CheckpointMirror(cfg.checkpoint_mirror, cfg.save_total_limit)] if cfg.checkpoint_mirror else []))
     monitor.trainer = trainer
     trainer.monitor = monitor
     return trainer
@@ -289,21 +338,75 @@ def answer_accuracy(model, tokenizer, pairs: list, batch_size: int = 64, max_new
         model.train(was_training); tokenizer.padding_side = side
     return right / len(pairs)
 
+# %% ../nbs/07_training.ipynb #297ffa7d
+class GPUOutOfMemoryError(RuntimeError):
+    "Out of GPU memory even at micro-batch 1; the message says what to change."
+
+def is_out_of_memory(error: BaseException) -> bool:
+    "True for an out-of-memory error of the GPU (or of the CPU's allocator), as accelerate recognises them."
+    from accelerate.utils.memory import should_reduce_batch_size
+    return isinstance(error, torch.cuda.OutOfMemoryError) or should_reduce_batch_size(error)
+
+def smaller_micro_batch(cfg: QLoRAConfig) -> QLoRAConfig | None:
+    "The next smaller micro-batch that divides the effective batch, with more accumulation; None at micro-batch 1."
+    from qlora_nb.memory import divisors
+    smaller = [d for d in divisors(cfg.effective_batch) if d < cfg.micro_batch]
+    return update(cfg, micro_batch=smaller[0], grad_accum=cfg.effective_batch // smaller[0]) if smaller else None
+
+def out_of_memory_advice(cfg: QLoRAConfig) -> str:
+    "What the memory estimator suggests when even micro-batch 1 does not fit."
+    from qlora_nb.memory import cheapest_fix, estimate_memory, smallest_gpu
+    from qlora_nb.loading import load_model_config
+    try: model_config = load_model_config(cfg)
+    except Exception: return "Shorten max_length, or choose a smaller model."
+    gpu = gpu_memory_bytes()
+    if gpu is not None: return cheapest_fix(model_config, cfg, gpu)
+    e = estimate_memory(model_config, cfg)
+    return f"By the estimate this run needs {e.required / 2**30:.1f} GiB" + (f": a {g} or larger fits it." if (g := smallest_gpu(e)) else '.')
+
+def batch_that_worked(cfg: QLoRAConfig, checkpoint) -> QLoRAConfig:
+    "`cfg` with the micro-batch split recorded in `checkpoint`'s manifest, when it is smaller and the effective batch is the same."
+    try: batch = json.loads((Path(checkpoint)/MANIFEST).read_text()).get('batch') or {}
+    except (OSError, ValueError): return cfg
+    mb, ga = batch.get('micro_batch'), batch.get('grad_accum')
+    if not mb or not ga or mb >= cfg.micro_batch or mb * ga != cfg.effective_batch: return cfg
+    print(f"Resuming with micro_batch={mb} x grad_accum={ga}, the split that ran when {Path(checkpoint).name} was written.")
+    return update(cfg, micro_batch=mb, grad_accum=ga)
+
 # %% ../nbs/07_training.ipynb #c2f5368a
+def auto_split(cfg: QLoRAConfig, verbose: bool = True) -> QLoRAConfig:
+    "With `cfg.auto_micro_batch` on a GPU: the largest micro-batch the memory estimate fits in this process's GPU memory."
+    if not (cfg.auto_micro_batch and has_cuda()): return cfg
+    from qlora_nb.memory import fit_micro_batch
+    from qlora_nb.loading import load_model_config
+    split = fit_micro_batch(load_model_config(cfg), cfg, gpu_memory_bytes())
+    if verbose: print(f"auto_micro_batch: micro_batch={split.micro_batch} x grad_accum={split.grad_accum} fits "
+                      f"{gpu_memory_bytes() / 2**30:.1f} GiB by the estimate (effective batch {split.effective_batch}).")
+    return split
+
+def _restore(model, state: dict):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in state: p.copy_(state[name])
+
 def train(cfg: QLoRAConfig, output_dir: str | None = None, resume: bool | str = False, monitor: TrainingMonitor | None = None,
           model=None, tokenizer=None, data: dict | None = None, before_training=None):
     "Run step 6 for `cfg`, building what is not given; `resume=True` continues from the newest verified checkpoint."
     from qlora_nb.loading import load_model, load_tokenizer
     from qlora_nb.peft_model import create_peft_model
     from qlora_nb.data import build_datasets
-    validate(cfg); seed_everything(cfg.seed)
+    validate(cfg); seed_everything(cfg.seed); limit_gpu_memory()
     output_dir = output_dir or cfg.output_dir
+    mirror = cfg.checkpoint_mirror
     checkpoint = None
     if resume:
-        checkpoint = find_checkpoint(output_dir) if resume is True else Path(resume)
-        if checkpoint is None: raise FileNotFoundError(f"No verified checkpoint in {output_dir!r} to resume from.")
-    elif checkpoints(output_dir):
-        raise FileExistsError(f"{output_dir!r} already holds checkpoints: pass resume=True (--resume on the command line) to continue, or choose another output_dir (--output-dir).")
+        checkpoint = newest_checkpoint(output_dir, mirror) if resume is True else Path(resume)
+        if checkpoint is None: raise FileNotFoundError(f"No verified checkpoint in {output_dir!r}" + (f" or {mirror!r}" if mirror else '') + " to resume from.")
+        cfg = batch_that_worked(cfg, checkpoint)
+    elif checkpoints(output_dir) or (mirror and checkpoints(mirror)):
+        where = output_dir if checkpoints(output_dir) else mirror
+        raise FileExistsError(f"{where!r} already holds checkpoints: pass resume=True (--resume on the command line) to continue, or choose another output_dir (--output-dir).")
+    else: cfg = auto_split(cfg)
     monitor = monitor or TrainingMonitor()
     tokenizer = tokenizer or load_tokenizer(cfg)
     data = data or build_datasets(cfg, tokenizer)
@@ -311,11 +414,33 @@ def train(cfg: QLoRAConfig, output_dir: str | None = None, resume: bool | str = 
         model = load_model(cfg, tokenizer); monitor.mark('load')
         model = create_peft_model(model, cfg); monitor.mark('prepare')
     if checkpoint is not None: check_resume_compatible(checkpoint, model)
-    trainer = make_trainer(model, tokenizer, cfg, data, output_dir, monitor)
-    if before_training is not None: before_training(trainer)
+    start_state = {n: p.detach().to('cpu', copy=True) for n, p in model.named_parameters() if p.requires_grad}
     start = time.time()
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    for attempt in range(64):
+        trainer = make_trainer(model, tokenizer, cfg, data, output_dir, monitor)
+        if before_training is not None and attempt == 0: before_training(trainer)
+        try:
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+            break
+        except Exception as error:
+            if not (cfg.oom_backoff and is_out_of_memory(error)): raise
+            smaller = smaller_micro_batch(cfg)
+            if smaller is None:
+                raise GPUOutOfMemoryError(f"Out of GPU memory at micro_batch=1 (max_length={cfg.max_length}): no smaller split is left. "
+                                          + out_of_memory_advice(cfg)) from error
+        # Out of memory. Let go of what the failed attempt held, then go on from the newest checkpoint with a smaller split.
+        del trainer; model.zero_grad(set_to_none=True); gc.collect()
+        if has_cuda(): torch.cuda.empty_cache()
+        checkpoint = newest_checkpoint(output_dir, mirror, verbose=False)
+        print(f"Out of GPU memory at micro_batch={cfg.micro_batch} x grad_accum={cfg.grad_accum}: going on with micro_batch="
+              f"{smaller.micro_batch} x grad_accum={smaller.grad_accum} (same effective batch {cfg.effective_batch}) from "
+              + (checkpoint.name if checkpoint else 'the start'))
+        if checkpoint is None: _restore(model, start_state); seed_everything(cfg.seed)
+        monitor.rewind(int(checkpoint.name.split('-')[-1]) if checkpoint else 0)
+        monitor.mark(f'micro-batch {smaller.micro_batch}')
+        cfg = smaller
     trainer.monitor_train_seconds = time.time() - start
+    trainer.qlora_config = cfg      # the split that ran
     # With bf16/fp16, accelerate wraps the model's forward in autocast and casts outputs to float32. Take that off, so
     # the trained model computes exactly like the same adapter reloaded from disk (step 7 checks they agree).
     from accelerate.utils import extract_model_from_parallel

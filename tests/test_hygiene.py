@@ -24,6 +24,16 @@ def test_notebook_is_a_lesson(nb):
     assert sum(1 for c in cs if c['cell_type'] == 'markdown') >= 3, 'prose that explains the why'
 
 @pytest.mark.parametrize('nb', NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_opens_with_install_and_manifest(nb):
+    "On Colab: an install cell (skipped by the tests) that leaves Colab's torch alone, then the manifest."
+    code = [''.join(c['source']) for c in cells(nb)[:6] if c['cell_type'] == 'code']
+    install = [s for s in code if 'pip install' in s]
+    assert install, 'an install cell near the top'
+    assert install[0].startswith('#| eval: false') and 'qlora_nb' in install[0]
+    assert not re.search(r'\btorch\b', install[0].split('pip install', 1)[1]), 'never reinstall Colab\'s torch'
+    assert any('show_manifest()' in s for s in code[code.index(install[0]) + 1:]), 'the manifest right after the install'
+
+@pytest.mark.parametrize('nb', NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_keeps_colab_gpu_metadata(nb):
     meta = json.loads(nb.read_text())['metadata']
     assert meta.get('accelerator') == 'GPU' and 'colab' in meta

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from .core import manifest, has_cuda
+from .core import manifest, has_cuda, seed_everything
 from .config import QLoRAConfig, TINY_DATASET, get_config, load_config, save_config, to_dict, update, PRESETS
 
 # %% ../nbs/13_cli.ipynb #dd5755e6
@@ -32,32 +32,46 @@ def run_workflow(cfg: QLoRAConfig, output_dir: str | None = None, resume: bool =
     from qlora_nb.data import build_datasets, eval_pairs
     from qlora_nb.training import TrainingMonitor, train
     from qlora_nb.saving import save_adapter
+    from qlora_nb.distributed import is_main_process, prepare_trainer
     start = time.time()
+    main = is_main_process()   # under a multi-process launch, rank 0 alone prints and writes files
+    say = print if main else (lambda *a, **k: None)
     out = Path(output_dir or cfg.output_dir); out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out/'config.yaml')
+    if main: save_config(cfg, out/'config.yaml')
+    seed_everything(cfg.seed)   # the LoRA initialization is drawn before train() seeds: same seed, same adapter
     monitor = TrainingMonitor(live=live)
     tokenizer = load_tokenizer(cfg)
     data = build_datasets(cfg, tokenizer)
-    print(f"[1/5] data: {len(data.train)} training and {len(data.eval) if data.eval is not None else 0} held-out examples")
+    say(f"[1/5] data: {len(data.train)} training and {len(data.eval) if data.eval is not None else 0} held-out examples")
     model = load_model(cfg, tokenizer); monitor.mark('load')
     model = create_peft_model(model, cfg); monitor.mark('prepare')
     counts = check_trainable(model)
-    print(f"[2/5] model: {cfg.model} in 4 bits, {counts['trainable']:,} LoRA parameters of {counts['total']:,}")
-    pairs = eval_pairs(cfg, tokenizer, n=200) if cfg.dataset == TINY_DATASET else []
+    say(f"[2/5] model: {cfg.model} in 4 bits, {counts['trainable']:,} LoRA parameters of {counts['total']:,}")
+    # under FSDP each rank holds a shard of the weights, so generating answers would need them gathered: skipped
+    pairs = eval_pairs(cfg, tokenizer, n=200) if cfg.dataset == TINY_DATASET and cfg.distributed != 'fsdp' else []
     metrics = dict(config=to_dict(cfg), manifest=manifest())
+    def before_training(t):
+        if cfg.distributed != 'none': prepare_trainer(t, cfg)
+        metrics.update(_measure(t, model, tokenizer, pairs, 'before'))
     trainer = train(cfg, str(out/'checkpoints'), resume=resume, monitor=monitor, model=model, tokenizer=tokenizer, data=data,
-                    before_training=lambda t: metrics.update(_measure(t, model, tokenizer, pairs, 'before')))
+                    before_training=before_training)
     metrics.update(_measure(trainer, model, tokenizer, pairs, 'after'))
-    print(f"[3/5] trained {trainer.state.global_step} steps; eval loss {metrics.get('eval_loss_before', float('nan')):.3f} -> {metrics['eval_loss_after']:.3f}"
+    say(f"[3/5] trained {trainer.state.global_step} steps"
+          + (f"; eval loss {metrics['eval_loss_before']:.3f} -> {metrics['eval_loss_after']:.3f}" if 'eval_loss_after' in metrics else '')
           + (f"; exact answers {metrics['accuracy_before']:.0%} -> {metrics['accuracy_after']:.0%}" if pairs else ''))
-    adapter = save_adapter(model, tokenizer, out/'adapter', cfg=cfg, metrics={k: v for k, v in metrics.items() if k not in ('config', 'manifest')})
+    if cfg.distributed == 'fsdp': trainer.save_model(str(out/'adapter')); adapter = out/'adapter'   # every rank: gathers the shards
+    elif main: adapter = save_adapter(model, tokenizer, out/'adapter', cfg=cfg, metrics={k: v for k, v in metrics.items() if k not in ('config', 'manifest')})
+    if not main: return metrics
     print(f"[4/5] adapter saved to {adapter}")
     monitor.save(out/'training.png')
     from qlora_nb.memory import estimate_memory
     import torch
-    metrics.update(predicted_gpu_peak_gib=round(estimate_memory(model.config, cfg).peak / 2**30, 3),
+    ran = trainer.qlora_config     # the micro-batch split that ran (auto_micro_batch, or a smaller one after running out of memory)
+    metrics.update(predicted_gpu_peak_gib=round(estimate_memory(model.config, ran).peak / 2**30, 3),
                    measured_gpu_peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3) if has_cuda() else None)
-    metrics.update(steps=trainer.state.global_step, train_seconds=round(trainer.monitor_train_seconds, 1),
+    metrics.update(micro_batch=ran.micro_batch, grad_accum=ran.grad_accum, tokens_seen=trainer.state.num_input_tokens_seen,
+                   tokens_per_second=round(trainer.state.num_input_tokens_seen / trainer.monitor_train_seconds, 1),
+                   steps=trainer.state.global_step, train_seconds=round(trainer.monitor_train_seconds, 1),
                    wall_seconds=round(time.time() - start, 1), peak_memory_gib=max(max(m.values()) for _, m in monitor.memory),
                    history=dict(step_loss=list(zip(monitor.steps, monitor.step_loss)), evals=monitor.evals))
     (out/'metrics.json').write_text(json.dumps(metrics, indent=1, default=str))
@@ -82,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument('--set', action='append', metavar='KEY=VALUE', help='override one field; repeatable')
     t.add_argument('--output-dir', help='where the adapter, figure and metrics go (default: the config\'s output_dir)')
     t.add_argument('--resume', action='store_true', help='continue from the newest verified checkpoint')
+    t.epilog = ('Several GPUs: --set distributed=ddp --set num_processes=2 (or distributed=fsdp with compute_dtype and '
+                'quant_storage both bfloat16) launches one process per GPU through accelerate; see nbs/14_distributed.ipynb.')
     c = sub.add_parser('config', help='print a preset (with overrides) as YAML')
     c.add_argument('--preset', choices=sorted(PRESETS)); c.add_argument('--set', action='append', metavar='KEY=VALUE')
     return p
@@ -94,11 +110,18 @@ def config_from_args(args) -> QLoRAConfig:
 
 def main(argv: list | None = None) -> int:
     "Entry point of the `qlora-nb` command."
+    from qlora_nb.distributed import in_launched_process, start_rank, check_devices, check_run_folder, launch
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try: cfg = config_from_args(args)
     except ValueError as e: print(f"qlora-nb: {e}", file=sys.stderr); return 2
     if args.command == 'config':
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end=''); return 0
-    try: run_workflow(cfg, args.output_dir, resume=args.resume, live=False)
+    try:
+        if cfg.distributed != 'none' and not in_launched_process():   # launch this same command once per process
+            check_devices(cfg); check_run_folder(Path(args.output_dir or cfg.output_dir)/'checkpoints', args.resume)
+            return launch(cfg, argv)
+        if in_launched_process(): start_rank(cfg)
+        run_workflow(cfg, args.output_dir, resume=args.resume, live=False)
     except (ValueError, FileNotFoundError, FileExistsError) as e: print(f"qlora-nb: {e}", file=sys.stderr); return 2
     return 0

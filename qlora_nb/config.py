@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['TINY_MODEL', 'TINY_DATASET', 'QUANT_TYPES', 'COMPUTE_DTYPES', 'STORAGE_DTYPES', 'BIASES', 'FORMATS', 'OPTIMIZERS',
-           'SCHEDULERS', 'PRESETS', 'QLoRAConfig', 'ConfigError', 'problems', 'validate', 'default_preset',
-           'get_config', 'update', 'to_dict', 'from_dict', 'save_config', 'load_config']
+           'SCHEDULERS', 'DISTRIBUTED', 'PRESETS', 'QLoRAConfig', 'ConfigError', 'problems', 'validate',
+           'default_preset', 'get_config', 'update', 'to_dict', 'from_dict', 'save_config', 'load_config']
 
 # %% ../nbs/01_config.ipynb #ad517589
 import os, json, difflib
@@ -66,6 +66,9 @@ class QLoRAConfig:
     save_steps: int = 50
     save_total_limit: int = 2
     output_dir: str = 'runs/qlora'
+    # several GPUs (nbs/14_distributed.ipynb): 'ddp' copies the model to each, 'fsdp' shards it across them
+    distributed: str = 'none'          # 'none', 'ddp' or 'fsdp'; launched through accelerate
+    num_processes: int = 1             # one per GPU; 2 or more with 'ddp' or 'fsdp'
 
     @property
     def effective_batch(self) -> int:
@@ -83,6 +86,7 @@ BIASES = ('none', 'all', 'lora_only')
 FORMATS = ('auto', 'instruction', 'completion', 'chat', 'text')
 OPTIMIZERS = ('auto', 'paged_adamw_8bit', 'paged_adamw_32bit', 'adamw_8bit', 'adamw_torch', 'adamw_torch_fused', 'sgd')
 SCHEDULERS = ('cosine', 'linear', 'constant', 'constant_with_warmup')
+DISTRIBUTED = ('none', 'ddp', 'fsdp')
 
 def _choice(name, value, allowed):
     if value in allowed: return []
@@ -132,6 +136,29 @@ def problems(cfg: QLoRAConfig) -> list:
         if not isinstance(getattr(cfg, name), bool): p.append(f"{name}={getattr(cfg, name)!r} must be True or False.")
     if cfg.checkpoint_mirror is not None and (not isinstance(cfg.checkpoint_mirror, str) or not cfg.checkpoint_mirror.strip()):
         p.append(f"checkpoint_mirror={cfg.checkpoint_mirror!r} must be a folder path (e.g. '/content/drive/MyDrive/qlora_nb') or None.")
+    p += _distributed_problems(cfg)
+    return p
+
+def _distributed_problems(cfg: QLoRAConfig) -> list:
+    "The launch settings: a known mode, a process count that fits it, and FSDP's 4-bit storage in the compute dtype."
+    p = _choice('distributed', cfg.distributed, DISTRIBUTED)
+    n = cfg.num_processes
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        return p + [f"num_processes={n!r} must be a whole number, 1 or more (one process per GPU)."]
+    if cfg.distributed == 'none' and n > 1:
+        p.append(f"num_processes={n} needs distributed='ddp' or 'fsdp' (one process per GPU); with distributed='none' it must be 1.")
+    if cfg.distributed in ('ddp', 'fsdp') and n < 2:
+        p.append(f"distributed={cfg.distributed!r} needs num_processes of 2 or more (one per GPU); for one GPU use distributed='none'.")
+    if cfg.distributed == 'fsdp':
+        if cfg.quant_storage == 'uint8':
+            p.append("distributed='fsdp' shards the 4-bit weights only when they are stored in a float dtype: set "
+                     "quant_storage to the compute dtype ('bfloat16' on an A100/H100, 'float16' on a T4), not 'uint8'.")
+        elif cfg.compute_dtype == 'auto':
+            p.append(f"distributed='fsdp' needs compute_dtype spelled out to match quant_storage={cfg.quant_storage!r}: "
+                     f"set compute_dtype={cfg.quant_storage!r}, not 'auto'.")
+        elif cfg.compute_dtype != cfg.quant_storage and cfg.compute_dtype in COMPUTE_DTYPES:
+            p.append(f"distributed='fsdp' needs quant_storage equal to compute_dtype ({cfg.compute_dtype!r}), so that FSDP "
+                     f"flattens 4-bit and 16-bit weights into one buffer: set quant_storage={cfg.compute_dtype!r}.")
     return p
 
 def validate(cfg: QLoRAConfig) -> QLoRAConfig:

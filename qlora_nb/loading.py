@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['TINY_CHAT_TEMPLATE', 'PAD_CANDIDATES', 'tiny_tokenizer', 'tiny_llama_config', 'cache_dir', 'tiny_model_path',
            'resolve_model', 'load_model_config', 'ensure_pad_token', 'load_tokenizer', 'quantized_layers',
-           'keep_cpu_layout_trainable', 'load_model', 'footprint', 'plot_footprint']
+           'keep_cpu_layout_trainable', 'device_map', 'load_model', 'footprint', 'plot_footprint']
 
 # %% ../nbs/03_loading.ipynb #ffd49fb5
 import os, shutil, tempfile
@@ -123,14 +123,19 @@ def keep_cpu_layout_trainable(model: nn.Module):
     return model
 
 # %% ../nbs/03_loading.ipynb #22d5979e
+def device_map(cfg: QLoRAConfig):
+    "Where this process puts the model: the CPU without CUDA; under a multi-GPU launch its own GPU (`LOCAL_RANK`), or none for FSDP, which places the shards."
+    if not has_cuda(): return 'cpu'
+    if cfg.distributed == 'fsdp': return None   # bitsandbytes then quantizes on this rank's current GPU, set by accelerate
+    return {'': int(os.environ.get('LOCAL_RANK', 0))}
+
 def load_model(cfg: QLoRAConfig, tokenizer=None, quantize: bool = True):
     "Load `cfg.model` in 4 bits (or in the compute dtype with `quantize=False`), ready for the next step."
     validate(cfg)
     precision = choose_precision(cfg.compute_dtype)   # refuses bf16 on a T4 before any download
     load_model_config(cfg)                            # refuses a bad path or name before any download
     source = resolve_model(cfg.model)
-    kwargs = dict(revision=cfg.revision, dtype=precision.compute_dtype,
-                  device_map={'': 0} if has_cuda() else 'cpu')
+    kwargs = dict(revision=cfg.revision, dtype=precision.compute_dtype, device_map=device_map(cfg))
     if quantize: kwargs['quantization_config'] = bnb_config(cfg, precision)
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     if not has_cuda(): keep_cpu_layout_trainable(model)

@@ -13,20 +13,22 @@ from pathlib import Path
 import ipywidgets as widgets
 
 from .config import (QLoRAConfig, ConfigError, problems, save_config, QUANT_TYPES, COMPUTE_DTYPES,
-                             STORAGE_DTYPES, BIASES, FORMATS, OPTIMIZERS, SCHEDULERS)
+                             STORAGE_DTYPES, BIASES, FORMATS, OPTIMIZERS, SCHEDULERS, DISTRIBUTED)
 from .memory import (GiB, GPUS, PART_COLORS, MemoryEstimate, ModelConfigUnavailable, estimate_memory, fits,
                              cheapest_fix, gpu_bytes, model_shape, resolve_model_config)
 
 # %% ../nbs/12_panel.ipynb #b43e48b0
 CHOICES = {'quant_type': QUANT_TYPES, 'compute_dtype': COMPUTE_DTYPES, 'quant_storage': STORAGE_DTYPES, 'bias': BIASES,
-           'dataset_format': FORMATS, 'optimizer': OPTIMIZERS, 'lr_scheduler': SCHEDULERS}
+           'dataset_format': FORMATS, 'optimizer': OPTIMIZERS, 'lr_scheduler': SCHEDULERS,
+           'distributed': DISTRIBUTED}
 GROUPS = {'Model': ('model', 'revision', 'quant_type', 'double_quant', 'compute_dtype', 'quant_storage'),
           'LoRA': ('r', 'alpha', 'dropout', 'bias', 'target_modules'),
           'Data': ('dataset', 'dataset_format', 'columns', 'train_on_prompt', 'max_length', 'packing', 'eval_fraction'),
           'Training': ('learning_rate', 'epochs', 'max_steps', 'micro_batch', 'grad_accum', 'warmup_ratio', 'lr_scheduler',
                        'weight_decay', 'max_grad_norm', 'optimizer', 'gradient_checkpointing', 'auto_micro_batch',
                        'oom_backoff', 'seed'),
-          'Saving': ('logging_steps', 'eval_steps', 'save_steps', 'save_total_limit', 'output_dir', 'checkpoint_mirror')}
+          'Saving': ('logging_steps', 'eval_steps', 'save_steps', 'save_total_limit', 'output_dir', 'checkpoint_mirror'),
+          'GPUs': ('distributed', 'num_processes')}
 TEXT_FORMS = {'target_modules': "'all-linear' or a comma list: q_proj, v_proj",
               'columns': 'pairs such as instruction=question, output=answer',
               'revision': 'empty: the latest', 'checkpoint_mirror': 'empty: none; or /content/drive/MyDrive/...'}

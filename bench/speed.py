@@ -1,0 +1,306 @@
+"""Training speed of qlora_nb's path against the plain peft + bitsandbytes recipe, on a random-weight Llama of a real shape.
+
+For each setting (micro-batch x example lengths) it trains `--warmup` + `--steps` optimizer steps, times the last
+`--steps`, and prints one line `RESULT {json}` in the form of the reference scripts (shape, mode, seq, bsz, steps,
+tokens_per_s, s_per_step, peak_alloc_gib, peak_reserved_gib, first_loss, last_loss) plus every step's loss and the
+tokens fed and useful (not padding). tokens_per_s counts useful tokens only.
+
+Recipes:
+  project  qlora_nb's own path: load_tokenizer, load_model, create_peft_model, make_trainer (no float32 upcast of
+           embeddings and lm_head; the package's precision and optimizer: bf16 and paged 8-bit AdamW on a recent
+           GPU, float32 and AdamW on the CPU)
+  plain    the usual recipe, written out here: BitsAndBytesConfig, from_pretrained, peft's
+           prepare_model_for_kbit_training (which upcasts), get_peft_model, the HF Trainer; same compute dtype,
+           optimizer, data and seed as the project recipe
+Both: r=16, alpha=32, dropout 0.05, all linear layers, gradient checkpointing, learning rate 2e-4 constant.
+With --compare both run in this process on the same examples in the same order, each setting starting from the
+same LoRA initialization, and a line `PARITY {json}` per setting gives the largest relative per-step loss difference.
+
+Lengths: 'fixed' rows of --seq tokens; 'instruction' lengths drawn like an instruction dataset's (log-normal, median
+--median=300 tokens, cut at --seq), right-padded per batch, or padding-free with --packing.
+
+    python bench/speed.py --shape llama2-7b --bsz 2 8 --compare --out speed.jsonl
+    python bench/speed.py --shape llama3-8b --bsz 8 --lengths instruction --packing --liger
+    python bench/speed.py --shape tiny --seq 256 --steps 3 --compare          # CPU, seconds
+    python bench/speed.py --table speed.jsonl                                  # markdown table with ratios
+"""
+import argparse, gc, json, math, os, resource, sys, time
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT/'bench')]   # the checkout's qlora_nb and make_model, not installed ones
+
+GiB = 2**30
+LR = 2e-4
+MAX_POSITIONS = 4096            # make_model.py's max_position_embeddings
+TOLERANCE = {'float32': 1e-4, 'bfloat16': 1e-2, 'float16': 1e-2}   # largest relative per-step loss difference allowed
+# Unsloth 2026.10.9 on one H200, seq 2048, r=16 (shared/bench/README.md): (shape, bsz) -> (tokens/s, peak GiB)
+UNSLOTH_H200 = {('llama2-7b', 2): (10_370, 4.92), ('llama2-7b', 8): (11_923, 7.68), ('llama3-8b', 2): (9_159, 6.74)}
+
+
+def parse_args(argv=None):
+    from make_model import SHAPES
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split('\n', 2)[2])
+    p.add_argument('--shape', default='tiny', choices=list(SHAPES))
+    p.add_argument('--bsz', type=int, nargs='+', default=[2], help='micro-batch sizes, one setting each')
+    p.add_argument('--seq', type=int, default=2048, help='tokens per row (fixed) or the longest example (instruction)')
+    p.add_argument('--steps', type=int, default=12, help='timed optimizer steps')
+    p.add_argument('--warmup', type=int, default=3, help='optimizer steps run before the clock starts')
+    p.add_argument('--recipe', default='project', choices=['project', 'plain'])
+    p.add_argument('--compare', action='store_true', help='run plain then project and compare their per-step losses')
+    p.add_argument('--lengths', nargs='+', default=['fixed'], choices=['fixed', 'instruction'])
+    p.add_argument('--median', type=int, default=300, help="median length of the 'instruction' examples, in tokens")
+    p.add_argument('--packing', nargs='*', choices=['off', 'on'], default=['off'],
+                   help="padding-free batches (DataCollatorWithFlattening); '--packing off on' runs both")
+    p.add_argument('--liger', action='store_true', help="Liger's fused kernels (project recipe, CUDA only)")
+    p.add_argument('--dropout', type=float, default=0.05, help='LoRA dropout')
+    p.add_argument('--r', type=int, default=16, help='LoRA rank; alpha is 2r')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--store', default='/tmp/models', help='where the random-weight models are saved')
+    p.add_argument('--out', help='append each RESULT and PARITY line, as JSON, to this file')
+    p.add_argument('--save-adapter', help="save the project recipe's adapter here after the last setting")
+    p.add_argument('--table', metavar='JSONL', help='print a markdown table of the results in JSONL, then exit')
+    a = p.parse_args(argv)
+    if a.table: return a
+    a.packing = [mode == 'on' for mode in (a.packing or ['on'])]    # a bare --packing means on
+    problems = [f'--bsz {b} must be 1 or more' for b in a.bsz if b < 1]
+    if not 1 < a.seq <= MAX_POSITIONS: problems.append(f'--seq {a.seq} must be between 2 and {MAX_POSITIONS}')
+    if a.steps < 1: problems.append(f'--steps {a.steps} must be 1 or more')
+    if a.warmup < 0: problems.append(f'--warmup {a.warmup} must be 0 or more')
+    if a.median < 1: problems.append(f'--median {a.median} must be 1 or more')
+    if a.r < 1: problems.append(f'--r {a.r} must be 1 or more')
+    if not 0 <= a.dropout < 1: problems.append(f'--dropout {a.dropout} must be at least 0 and below 1')
+    if a.liger and (a.compare or a.recipe == 'plain'):
+        problems.append("--liger patches transformers for the whole process: use it with --recipe project, without --compare")
+    if a.save_adapter and not (a.compare or a.recipe == 'project'): problems.append('--save-adapter saves the project recipe\'s adapter')
+    if problems: p.error('; '.join(problems))
+    return a
+
+
+# ---- data ---------------------------------------------------------------------------------------------------------
+
+def examples(lengths_kind: str, n: int, seq: int, median: int, vocab: int, seed: int) -> list:
+    "`n` training examples of random tokens: all `seq` long, or of instruction-like lengths; the same for the same arguments."
+    from qlora_nb.speed import instruction_lengths, random_examples
+    lengths = [seq] * n if lengths_kind == 'fixed' else instruction_lengths(n, seq, median=median, min_length=min(32, median), seed=seed)
+    return random_examples(lengths, vocab, seed=seed)
+
+
+# ---- the two recipes ----------------------------------------------------------------------------------------------
+
+def project_config(path: Path, a, bsz: int, steps: int):
+    from qlora_nb.config import QLoRAConfig
+    return QLoRAConfig(model=str(path), r=a.r, alpha=2 * a.r, dropout=a.dropout, target_modules='all-linear',
+                       max_length=a.seq, packing=False, learning_rate=LR, lr_scheduler='constant', warmup_ratio=0.0,
+                       max_steps=steps, micro_batch=bsz, grad_accum=1, gradient_checkpointing=True, seed=a.seed,
+                       logging_steps=1, eval_steps=10**9, save_steps=10**9, output_dir='/tmp/qlora_nb_speed/project')
+
+
+class ProjectRecipe:
+    "qlora_nb's path: load_tokenizer -> load_model -> create_peft_model -> make_trainer."
+    name = 'project'
+
+    def __init__(self, path: Path, a):
+        from transformers import set_seed
+        from qlora_nb.loading import load_tokenizer, load_model
+        from qlora_nb.peft_model import create_peft_model
+        self.a, self.cfg = a, project_config(path, a, a.bsz[0], a.warmup + a.steps)
+        self.tokenizer = load_tokenizer(self.cfg, verbose=False)
+        base = load_model(self.cfg, self.tokenizer)
+        set_seed(a.seed)                       # the same LoRA initialization as the plain recipe
+        self.model = create_peft_model(base, self.cfg)
+
+    def trainer(self, data: list, bsz: int, steps: int, packing: bool):
+        from qlora_nb.data import TrainingData
+        from qlora_nb.training import make_trainer
+        cfg = replace(self.cfg, micro_batch=bsz, max_steps=steps, packing=packing)
+        return make_trainer(self.model, self.tokenizer, cfg, TrainingData(data, None, {}, 'text'), cfg.output_dir)
+
+
+class PlainRecipe:
+    "The usual QLoRA recipe: from_pretrained in 4 bits, prepare_model_for_kbit_training, get_peft_model, Trainer."
+    name = 'plain'
+
+    def __init__(self, path: Path, a):
+        from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, set_seed
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+        from qlora_nb.core import choose_precision, has_cuda
+        self.a, self.precision, self.cuda = a, choose_precision('auto'), has_cuda()   # same dtype as the project recipe
+        dtype = self.precision.compute_dtype
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4', bnb_4bit_use_double_quant=True,
+                                 bnb_4bit_compute_dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb, dtype=dtype,
+                                                     device_map={'': 0} if self.cuda else 'cpu')
+        if not self.cuda:   # bitsandbytes' CPU inference layout cannot train; a CPU-only detail, not part of the recipe
+            from qlora_nb.loading import keep_cpu_layout_trainable
+            keep_cpu_layout_trainable(model)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+        set_seed(a.seed)
+        self.model = get_peft_model(model, LoraConfig(r=a.r, lora_alpha=2 * a.r, lora_dropout=a.dropout,
+                                                      target_modules='all-linear', task_type='CAUSAL_LM'))
+
+    def trainer(self, data: list, bsz: int, steps: int, packing: bool):
+        from transformers import Trainer, TrainingArguments, DataCollatorForSeq2Seq, DataCollatorWithFlattening
+        a = self.a
+        args = TrainingArguments(output_dir='/tmp/qlora_nb_speed/plain', per_device_train_batch_size=bsz, max_steps=steps,
+                                 learning_rate=LR, lr_scheduler_type='constant', bf16=self.precision.bf16,
+                                 fp16=self.precision.fp16, optim='paged_adamw_8bit' if self.cuda else 'adamw_torch',
+                                 gradient_checkpointing=True, logging_steps=1, save_strategy='no', report_to=[],
+                                 disable_tqdm=True, dataloader_num_workers=0, seed=a.seed, data_seed=a.seed)
+        collate = (DataCollatorWithFlattening(return_position_ids=True, separator_id=-100) if packing
+                   else DataCollatorForSeq2Seq(self.tokenizer, padding='longest', label_pad_token_id=-100))
+        return Trainer(model=self.model, args=args, train_dataset=data, data_collator=collate)
+
+
+RECIPES = {'project': ProjectRecipe, 'plain': PlainRecipe}
+
+
+# ---- measuring ----------------------------------------------------------------------------------------------------
+
+def trainable_state(model) -> dict:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+def restore(model, state: dict):
+    import torch
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in state: p.copy_(state[n])
+
+def free_memory():
+    import torch
+    gc.collect()
+    if torch.cuda.is_available(): torch.cuda.empty_cache()
+
+def peak_rss_gib() -> float:
+    "The process's peak resident memory (Linux reports KiB)."
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
+
+def measure(recipe, setting: dict, data: list, a) -> dict:
+    "Train one setting for warm-up + timed steps; the RESULT dict."
+    import torch
+    from accelerate.utils import extract_model_from_parallel
+    from qlora_nb.speed import StepClock, TokenCounter
+    cuda = torch.cuda.is_available()
+    bsz, total = setting['bsz'], a.warmup + a.steps
+    trainer = recipe.trainer(data, bsz, total, setting['packing'])
+    clock, counter = StepClock(a.warmup), TokenCounter(trainer.data_collator)
+    trainer.add_callback(clock)
+    trainer.data_collator = counter
+    free_memory()
+    if cuda: torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    extract_model_from_parallel(trainer.model, keep_fp32_wrapper=False)   # take off accelerate's autocast wrapper
+    seconds, timed = clock.seconds, slice(a.warmup, total)
+    useful, fed = sum(counter.useful[timed]), sum(counter.fed[timed])
+    del trainer
+    return dict(status='ok', shape=a.shape, mode=recipe.name, recipe=recipe.name, lengths=setting['lengths'], packing=setting['packing'],
+                liger=a.liger_on, liger_note=a.liger_note, dropout=a.dropout, r=a.r, seq=a.seq, bsz=bsz, steps=a.steps,
+                warmup=a.warmup, tokens_per_s=round(useful / seconds, 1), fed_tokens_per_s=round(fed / seconds, 1),
+                s_per_step=round(seconds / a.steps, 4), useful_tokens=useful, fed_tokens=fed,
+                padding_share=round(1 - useful / fed, 4), load_s=recipe.load_s, loaded_gib=recipe.loaded_gib,
+                peak_alloc_gib=round(torch.cuda.max_memory_allocated() / GiB, 3) if cuda else None,
+                peak_reserved_gib=round(torch.cuda.max_memory_reserved() / GiB, 3) if cuda else None,
+                peak_rss_gib=peak_rss_gib(), first_loss=clock.losses[0], last_loss=clock.losses[-1], losses=clock.losses,
+                device=torch.cuda.get_device_name(0) if cuda else 'cpu')
+
+def parity(plain: dict, project: dict, dtype: str) -> dict:
+    "The largest relative difference between two runs' per-step losses, against the tolerance for `dtype`."
+    diffs = [abs(p - q) / max(abs(p), 1e-12) for p, q in zip(plain['losses'], project['losses'])]
+    worst = max(diffs) if diffs and len(plain['losses']) == len(project['losses']) else math.inf
+    return dict(shape=plain['shape'], lengths=plain['lengths'], bsz=plain['bsz'], packing=plain['packing'], dtype=dtype,
+                steps=len(diffs), max_rel_diff=worst, tolerance=TOLERANCE[dtype], ok=worst <= TOLERANCE[dtype])
+
+
+def emit(kind: str, record: dict, out: str | None):
+    print(f'{kind} ' + json.dumps(record), flush=True)
+    if out:
+        with open(out, 'a') as f: f.write(json.dumps(dict(kind=kind, **record)) + '\n')
+
+def load_recipe(name: str, path: Path, a):
+    import torch
+    free_memory()
+    t = time.time()
+    recipe = RECIPES[name](path, a)
+    recipe.load_s = round(time.time() - t, 1)
+    recipe.loaded_gib = round(torch.cuda.memory_allocated() / GiB, 3) if torch.cuda.is_available() else None
+    return recipe
+
+def setting_key(s: dict) -> tuple: return s['lengths'], s['bsz'], s['packing']
+
+def out_of_memory(recipe, s: dict, a, error) -> dict:
+    "A RESULT for a setting that ran out of GPU memory: the run goes on with the next one."
+    return dict(shape=a.shape, mode=recipe.name, recipe=recipe.name, **s, seq=a.seq, steps=a.steps, liger=a.liger_on,
+                dropout=a.dropout, status='oom', message=str(error).splitlines()[0][:300])
+
+def run(a) -> list:
+    "Every recipe over every setting; RESULT and PARITY lines printed (and appended to --out) as they come."
+    import torch
+    from make_model import make_model, SHAPES
+    from qlora_nb.core import choose_precision
+    from qlora_nb.speed import apply_liger
+    path = make_model(a.shape, Path(a.store)/a.shape)     # built before any kernel patch
+    a.liger_on, a.liger_note = apply_liger('llama') if a.liger else (False, 'not asked')
+    if a.liger: print(f"Liger: {'on' if a.liger_on else 'off'} ({a.liger_note})", flush=True)
+    vocab = SHAPES[a.shape]['vocab_size']
+    settings = [dict(lengths=l, bsz=b, packing=p) for l in a.lengths for b in a.bsz for p in a.packing]
+    data = {(l, b): examples(l, b * (a.warmup + a.steps), a.seq, a.median, vocab, a.seed) for l in a.lengths for b in a.bsz}
+    results = {}
+    for name in (['plain', 'project'] if a.compare else [a.recipe]):
+        recipe = load_recipe(name, path, a)
+        start = trainable_state(recipe.model)
+        for s in settings:
+            restore(recipe.model, start)            # every setting starts from the same adapter
+            try: r = measure(recipe, s, data[s['lengths'], s['bsz']], a)
+            except torch.OutOfMemoryError as error: r = out_of_memory(recipe, s, a, error)
+            results[(name, *setting_key(s))] = r
+            emit('RESULT', r, a.out)
+        if name == 'project' and a.save_adapter:
+            recipe.model.save_pretrained(a.save_adapter)
+            print(f'adapter saved to {a.save_adapter}', flush=True)
+        del recipe, start
+        free_memory()
+    if a.compare:
+        dtype = str(choose_precision('auto').compute_dtype).replace('torch.', '')
+        for s in settings:
+            plain, project = results[('plain', *setting_key(s))], results[('project', *setting_key(s))]
+            if 'losses' in plain and 'losses' in project: emit('PARITY', parity(plain, project, dtype), a.out)
+    return list(results.values())
+
+
+# ---- the table ----------------------------------------------------------------------------------------------------
+
+def table(path: str) -> str:
+    "A markdown table of the RESULT lines in `path`, with ratios against the plain recipe of the same file and setting."
+    rows = [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
+    results = [r for r in rows if r.get('kind', 'RESULT') == 'RESULT' and r.get('status', 'ok') == 'ok']
+    def key(r): return r['shape'], r['bsz'], r['lengths'], r['seq']
+    plain = {key(r): r for r in results if r['recipe'] == 'plain' and not r['packing']}   # the padded plain recipe
+    lines = ['| shape | bsz | lengths | recipe | useful tok/s | s/step | peak alloc GiB | x plain (same run) | x Unsloth (H200 figure) |',
+             '|---|---|---|---|---|---|---|---|---|']
+    for r in results:
+        what = r['recipe'] + (' + packing' if r['packing'] else '') + (' + liger' if r['liger'] else '') + (f" + dropout {r['dropout']:g}" if r['dropout'] != 0.05 else '')
+        base = plain.get(key(r))
+        unsloth = UNSLOTH_H200.get((r['shape'], r['bsz'])) if r['lengths'] == 'fixed' and r['seq'] == 2048 else None
+        peak = f"{r['peak_alloc_gib']:.2f}" if r['peak_alloc_gib'] is not None else '-'
+        vs_plain = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}" if base else '-'
+        vs_unsloth = f"{r['tokens_per_s'] / unsloth[0]:.2f}" if unsloth else '-'
+        lines.append(f"| {r['shape']} | {r['bsz']} | {r['lengths']} | {what} | {r['tokens_per_s']:,.0f} | {r['s_per_step']:.3f} | "
+                     f"{peak} | {vs_plain} | {vs_unsloth} |")
+    for p in (r for r in rows if r.get('kind') == 'PARITY'):
+        lines.append(f"\nparity {p['shape']} bsz {p['bsz']} {p['lengths']}{' packed' if p['packing'] else ''}: max relative loss difference {p['max_rel_diff']:.1e} "
+                     f"over {p['steps']} steps ({p['dtype']}, allowed {p['tolerance']:g}): {'ok' if p['ok'] else 'FAILED'}")
+    return '\n'.join(lines)
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    if a.table: print(table(a.table)); return
+    os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
+    run(a)
+
+
+if __name__ == '__main__':
+    main()

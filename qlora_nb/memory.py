@@ -391,10 +391,12 @@ def divisors(n: int) -> list:
     "The whole numbers that divide `n`, largest first."
     return [d for d in range(n, 0, -1) if n % d == 0]
 
-def fit_micro_batch(model_config, cfg: QLoRAConfig, gpu, upcast_embeddings: bool = False) -> QLoRAConfig:
+def fit_micro_batch(model_config, cfg: QLoRAConfig, gpu, upcast_embeddings: bool = False,
+                    longest: int | None = None) -> QLoRAConfig:   # the data's longest row, when shorter than max_length
     "`cfg` split into the largest micro-batch that fits `gpu`, with `grad_accum` making up the same effective batch (1 if none fits)."
     shape = model_shape(model_config)
+    rows = min(cfg.max_length, longest) if longest else cfg.max_length
     for mb in divisors(cfg.effective_batch):
         split = replace(cfg, micro_batch=mb, grad_accum=cfg.effective_batch // mb)
-        if fits(estimate_memory(shape, split, upcast_embeddings), gpu): return split
+        if fits(estimate_memory(shape, replace(split, max_length=rows), upcast_embeddings), gpu): return split
     return replace(cfg, micro_batch=1, grad_accum=cfg.effective_batch)

@@ -374,14 +374,15 @@ def batch_that_worked(cfg: QLoRAConfig, checkpoint) -> QLoRAConfig:
     return update(cfg, micro_batch=mb, grad_accum=ga)
 
 # %% ../nbs/07_training.ipynb #c2f5368a
-def auto_split(cfg: QLoRAConfig, verbose: bool = True) -> QLoRAConfig:
-    "With `cfg.auto_micro_batch` on a GPU: the largest micro-batch the memory estimate fits in this process's GPU memory."
+def auto_split(cfg: QLoRAConfig, longest: int | None = None, verbose: bool = True) -> QLoRAConfig:
+    "With `cfg.auto_micro_batch` on a GPU: the largest micro-batch the memory estimate fits, for rows of `longest` tokens at most."
     if not (cfg.auto_micro_batch and has_cuda()): return cfg
     from qlora_nb.memory import fit_micro_batch
     from qlora_nb.loading import load_model_config
-    split = fit_micro_batch(load_model_config(cfg), cfg, gpu_memory_bytes())
+    split = fit_micro_batch(load_model_config(cfg), cfg, gpu_memory_bytes(), longest=longest)
     if verbose: print(f"auto_micro_batch: micro_batch={split.micro_batch} x grad_accum={split.grad_accum} fits "
-                      f"{gpu_memory_bytes() / 2**30:.1f} GiB by the estimate (effective batch {split.effective_batch}).")
+                      f"{gpu_memory_bytes() / 2**30:.1f} GiB by the estimate, for rows of up to {min(cfg.max_length, longest or cfg.max_length)} "
+                      f"tokens (effective batch {split.effective_batch}).")
     return split
 
 def _restore(model, state: dict):
@@ -406,19 +407,21 @@ def train(cfg: QLoRAConfig, output_dir: str | None = None, resume: bool | str = 
     elif checkpoints(output_dir) or (mirror and checkpoints(mirror)):
         where = output_dir if checkpoints(output_dir) else mirror
         raise FileExistsError(f"{where!r} already holds checkpoints: pass resume=True (--resume on the command line) to continue, or choose another output_dir (--output-dir).")
-    else: cfg = auto_split(cfg)
     monitor = monitor or TrainingMonitor()
     tokenizer = tokenizer or load_tokenizer(cfg)
     data = data or build_datasets(cfg, tokenizer)
+    if checkpoint is None: cfg = auto_split(cfg, longest=max(s.longest for s in data.stats.values()))   # a resume keeps its split
     if model is None:
         model = load_model(cfg, tokenizer); monitor.mark('load')
         model = create_peft_model(model, cfg); monitor.mark('prepare')
     if checkpoint is not None: check_resume_compatible(checkpoint, model)
     start_state = {n: p.detach().to('cpu', copy=True) for n, p in model.named_parameters() if p.requires_grad}
     start = time.time()
-    for attempt in range(64):
+    first_attempt = True
+    while True:   # ends when training finishes; each out-of-memory retry has a smaller micro-batch, down to 1
         trainer = make_trainer(model, tokenizer, cfg, data, output_dir, monitor)
-        if before_training is not None and attempt == 0: before_training(trainer)
+        if before_training is not None and first_attempt: before_training(trainer)
+        first_attempt = False
         try:
             trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
             break

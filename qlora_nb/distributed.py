@@ -17,7 +17,7 @@ from accelerate.utils import DistributedDataParallelKwargs, patch_environment
 
 from .core import has_cuda, choose_precision
 from .config import QLoRAConfig, ConfigError, validate
-from .training import CheckpointKeeper, checkpoints, find_checkpoint
+from .training import CheckpointKeeper, CheckpointMirror, checkpoints, find_checkpoint
 
 # %% ../nbs/14_distributed.ipynb #761f936f
 def check_devices(cfg: QLoRAConfig, gpus: int | None = None) -> str:
@@ -91,6 +91,8 @@ def prepare_trainer(trainer, cfg: QLoRAConfig):
         trainer.accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=False)
     keeper = trainer.pop_callback(CheckpointKeeper)
     if keeper is not None: trainer.add_callback(RankZeroCheckpointKeeper(keeper.keep))
+    mirror = trainer.pop_callback(CheckpointMirror)
+    if mirror is not None: trainer.add_callback(mirror)   # after the keeper: only a sealed checkpoint is copied
     return trainer
 
 # %% ../nbs/14_distributed.ipynb #4d2293a5

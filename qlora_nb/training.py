@@ -170,6 +170,7 @@ class CheckpointMirror(TrainerCallback):
     def __init__(self, mirror_dir, keep: int = 2, attempts: int = 2):
         self.mirror_dir, self.keep, self.attempts = Path(mirror_dir), keep, attempts
     def on_save(self, args, state, control, **kwargs):
+        if not getattr(state, 'is_world_process_zero', True): return   # with several processes, one copy is enough
         folder = Path(args.output_dir)/f'checkpoint-{state.global_step}'
         for attempt in range(self.attempts):
             try: copy_checkpoint(folder, self.mirror_dir); break
@@ -426,7 +427,8 @@ def train(cfg: QLoRAConfig, output_dir: str | None = None, resume: bool | str = 
             trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
             break
         except Exception as error:
-            if not (cfg.oom_backoff and is_out_of_memory(error)): raise
+            # with several processes one rank cannot change its batch alone: there the error stands
+            if not (cfg.oom_backoff and cfg.distributed == 'none' and is_out_of_memory(error)): raise
             smaller = smaller_micro_batch(cfg)
             if smaller is None:
                 raise GPUOutOfMemoryError(f"Out of GPU memory at micro_batch=1 (max_length={cfg.max_length}): no smaller split is left. "

@@ -10,6 +10,7 @@ from qlora_nb.config import QLoRAConfig, ConfigError, get_config, problems
 from qlora_nb.loading import load_model
 from qlora_nb.cli import main
 from qlora_nb.distributed import check_devices, launch_arguments, start_rank
+from qlora_nb.training import checkpoints, verify_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 QLORA_NB = str(Path(sys.executable).with_name('qlora-nb'))
@@ -67,7 +68,11 @@ def _train(tmp_path, name, *settings):
 def test_two_processes_train_the_same_adapter_as_one(tmp_path):
     "2 processes x micro_batch 2 (DDP, gloo, 4-bit) against 1 process x micro_batch 4: the same 4 examples at each step."
     one = _train(tmp_path, 'one', '--set', 'micro_batch=4')
-    two = _train(tmp_path, 'two', '--set', 'micro_batch=2', '--set', 'distributed=ddp', '--set', 'num_processes=2')
+    drive = tmp_path/'drive'   # and rank 0 alone copies each sealed checkpoint to the mirror
+    two = _train(tmp_path, 'two', '--set', 'micro_batch=2', '--set', 'distributed=ddp', '--set', 'num_processes=2',
+                 '--set', f'checkpoint_mirror={drive}')
+    assert [c.name for c in checkpoints(drive)] == ['checkpoint-2', 'checkpoint-4'] and not list(drive.glob('.*'))
+    assert all(verify_checkpoint(c) is None for c in checkpoints(drive))
     assert one.keys() == two.keys() and len(one) == 56
     largest_b = max(one[k].abs().max().item() for k in one if 'lora_B' in k)
     gap = max((one[k] - two[k]).abs().max().item() for k in one)

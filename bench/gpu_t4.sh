@@ -10,21 +10,7 @@ export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 MPLBACKEND=Agg PYTHONUNBUFFERE
 export QLORA_NB_GPU_MEMORY_GIB=15 QLORA_NB_COMPUTE_CAPABILITY=7.5 QLORA_NB_PRESET=colab-t4
 export QLORA_NB_MODEL=/tmp/models/qwen2.5-7b QLORA_NB_CACHE=/tmp/qlora_nb_cache OUT=${OUT:-/tmp/out}
 mkdir -p $OUT
-python3 - <<'PY'
-import time, torch
-from pathlib import Path
-from transformers import Qwen2Config, Qwen2ForCausalLM
-from qlora_nb.memory import SHAPES
-from qlora_nb.loading import tiny_tokenizer
-path = Path('/tmp/models/qwen2.5-7b')
-if not (path/'config.json').exists():
-    t = time.time(); torch.manual_seed(0)
-    config = Qwen2Config(max_position_embeddings=4096, tie_word_embeddings=False, **{k: v for k, v in SHAPES['qwen2.5-7b'].items() if k != 'attention_bias'})
-    with torch.device('cuda'): model = Qwen2ForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(path); tiny_tokenizer().save_pretrained(path)
-    print(f'saved a Qwen2.5-7B-shaped model ({sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters) in {time.time() - t:.0f} s', flush=True)
-    del model; torch.cuda.empty_cache()
-PY
+python3 bench/make_model.py qwen2.5-7b /tmp/models/qwen2.5-7b
 if [ "${1:-main}" = main ]; then
   # text rows longer than 1024 tokens (the tokenizer is byte-level), so that every sequence is 1024 tokens long
   python3 - <<'PY'

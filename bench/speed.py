@@ -238,11 +238,11 @@ def out_of_memory(recipe, s: dict, a, error) -> dict:
 def run(a) -> list:
     "Every recipe over every setting; RESULT and PARITY lines printed (and appended to --out) as they come."
     import torch
-    from make_model import make_model, SHAPES
+    from make_model import make_model, model_type, SHAPES
     from qlora_nb.core import choose_precision
     from qlora_nb.speed import apply_liger
     path = make_model(a.shape, Path(a.store)/a.shape)     # built before any kernel patch
-    a.liger_on, a.liger_note = apply_liger('llama') if a.liger else (False, 'not asked')
+    a.liger_on, a.liger_note = apply_liger(model_type(a.shape)) if a.liger else (False, 'not asked')
     if a.liger: print(f"Liger: {'on' if a.liger_on else 'off'} ({a.liger_note})", flush=True)
     vocab = SHAPES[a.shape]['vocab_size']
     settings = [dict(lengths=l, bsz=b, packing=p) for l in a.lengths for b in a.bsz for p in a.packing]

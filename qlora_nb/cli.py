@@ -110,7 +110,8 @@ def config_from_args(args) -> QLoRAConfig:
 
 def main(argv: list | None = None) -> int:
     "Entry point of the `qlora-nb` command."
-    from qlora_nb.distributed import in_launched_process, start_rank, check_devices, check_run_folder, launch
+    from qlora_nb.distributed import in_launched_process, start_rank, check_devices, launch
+    from qlora_nb.training import checkpoint_to_resume
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try: cfg = config_from_args(args)
@@ -119,7 +120,7 @@ def main(argv: list | None = None) -> int:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end=''); return 0
     try:
         if cfg.distributed != 'none' and not in_launched_process():   # launch this same command once per process
-            check_devices(cfg); check_run_folder(Path(args.output_dir or cfg.output_dir)/'checkpoints', args.resume)
+            check_devices(cfg); checkpoint_to_resume(Path(args.output_dir or cfg.output_dir)/'checkpoints', args.resume, cfg.checkpoint_mirror)
             return launch(cfg, argv)
         if in_launched_process(): start_rank(cfg)
         run_workflow(cfg, args.output_dir, resume=args.resume, live=False)

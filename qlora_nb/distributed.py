@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['FSDP_SETTINGS', 'check_devices', 'in_launched_process', 'is_main_process', 'mixed_precision', 'launch_arguments',
            'worker_environment', 'start_rank', 'RankZeroCheckpointKeeper', 'prepare_trainer', 'console_command',
-           'check_run_folder', 'launch', 'launch_in_notebook']
+           'launch', 'launch_in_notebook']
 
 # %% ../nbs/14_distributed.ipynb #0d6ce82d
 import os, sys, shutil
@@ -17,7 +17,7 @@ from accelerate.utils import DistributedDataParallelKwargs, patch_environment
 
 from .core import has_cuda, choose_precision
 from .config import QLoRAConfig, ConfigError, validate
-from .training import CheckpointKeeper, CheckpointMirror, checkpoints, find_checkpoint
+from .training import CheckpointKeeper, CheckpointMirror, checkpoint_to_resume
 
 # %% ../nbs/14_distributed.ipynb #761f936f
 def check_devices(cfg: QLoRAConfig, gpus: int | None = None) -> str:
@@ -103,15 +103,6 @@ def console_command(arguments: list) -> list:
     if not found: return [sys.executable, '-c', 'import sys; from qlora_nb.cli import main; sys.exit(main(sys.argv[1:]))', *arguments]
     return [found, *arguments]
 
-def check_run_folder(checkpoint_dir, resume: bool):
-    "Refuse, before launching, a folder that holds checkpoints unless resuming; when resuming, set aside unfinished ones once."
-    if resume:
-        if find_checkpoint(checkpoint_dir) is None:
-            raise FileNotFoundError(f"No verified checkpoint in {str(checkpoint_dir)!r} to resume from.")
-    elif checkpoints(checkpoint_dir):
-        raise FileExistsError(f"{str(checkpoint_dir)!r} already holds checkpoints: pass --resume to continue, or "
-                              "choose another --output-dir.")
-
 def launch(cfg: QLoRAConfig, arguments: list) -> int:
     "Run `qlora-nb <arguments>` in `cfg.num_processes` processes through `accelerate launch`; the exit status."
     from accelerate.commands.launch import launch_command_parser, launch_command
@@ -136,5 +127,5 @@ def launch_in_notebook(cfg: QLoRAConfig, output_dir: str | None = None):
     if cfg.distributed != 'ddp' or not has_cuda():
         raise ConfigError("From a notebook, accelerate can fork one process per GPU for distributed='ddp' only. For FSDP, "
                           "or on the CPU, launch from a terminal: qlora-nb train --set distributed=... --set num_processes=N")
-    check_run_folder(Path(output_dir or cfg.output_dir)/'checkpoints', resume=False)
+    checkpoint_to_resume(Path(output_dir or cfg.output_dir)/'checkpoints', False, cfg.checkpoint_mirror)   # refuse before forking
     notebook_launcher(_notebook_worker, (cfg, output_dir), num_processes=cfg.num_processes)

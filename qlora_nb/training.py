@@ -4,11 +4,11 @@
 
 # %% auto #0
 __all__ = ['MANIFEST', 'choose_optimizer', 'total_steps', 'training_arguments', 'NonFiniteError', 'trainable_grad_norm',
-           'QLoRATrainer', 'NanWatch', 'write_manifest', 'verify_checkpoint', 'checkpoints', 'find_checkpoint',
-           'CheckpointKeeper', 'copy_checkpoint', 'CheckpointMirror', 'newest_checkpoint', 'in_notebook', 'memory_now',
-           'TrainingMonitor', 'check_resume_compatible', 'make_trainer', 'answer_accuracy', 'GPUOutOfMemoryError',
-           'is_out_of_memory', 'smaller_micro_batch', 'out_of_memory_advice', 'batch_that_worked', 'auto_split',
-           'train']
+           'QLoRATrainer', 'NanWatch', 'write_manifest', 'verify_checkpoint', 'checkpoint_step', 'checkpoints',
+           'find_checkpoint', 'CheckpointKeeper', 'copy_checkpoint', 'CheckpointMirror', 'newest_checkpoint',
+           'checkpoint_to_resume', 'in_notebook', 'memory_now', 'TrainingMonitor', 'check_resume_compatible',
+           'make_trainer', 'answer_accuracy', 'GPUOutOfMemoryError', 'is_out_of_memory', 'smaller_micro_batch',
+           'out_of_memory_advice', 'batch_that_worked', 'auto_split', 'train']
 
 # %% ../nbs/07_training.ipynb #bbc57b7f
 import os, gc, json, math, time, shutil, hashlib, warnings
@@ -117,11 +117,15 @@ def verify_checkpoint(folder) -> str | None:
         if _sha256(p) != meta['sha256']: return f"{folder.name}/{name} does not match its hash"
     return None
 
+def checkpoint_step(folder) -> int:
+    "The optimizer step a `checkpoint-N` folder was written at."
+    return int(Path(folder).name.split('-')[-1])
+
 def checkpoints(output_dir) -> list:
     "The `checkpoint-N` folders of `output_dir`, oldest first."
     d = Path(output_dir)
     found = [p for p in d.glob('checkpoint-*') if p.is_dir() and p.name.split('-')[-1].isdigit()] if d.is_dir() else []
-    return sorted(found, key=lambda p: int(p.name.split('-')[-1]))
+    return sorted(found, key=checkpoint_step)
 
 # %% ../nbs/07_training.ipynb #e121e740
 def find_checkpoint(output_dir, verbose: bool = True) -> Path | None:
@@ -184,7 +188,20 @@ def newest_checkpoint(output_dir, mirror_dir=None, verbose: bool = True) -> Path
     "The newest verified checkpoint in `output_dir`, or in `mirror_dir` where that one is newer (after a disconnect, the only one)."
     found = [c for c in (find_checkpoint(output_dir, verbose),
                          find_checkpoint(mirror_dir, verbose) if mirror_dir else None) if c is not None]
-    return max(found, key=lambda c: int(c.name.split('-')[-1])) if found else None
+    return max(found, key=checkpoint_step) if found else None
+
+def checkpoint_to_resume(output_dir, resume: bool | str = False, mirror_dir=None) -> Path | None:
+    "The checkpoint a run goes on from (None for a new run); a new run where checkpoints already are is refused, so none is overwritten."
+    if resume:
+        checkpoint = newest_checkpoint(output_dir, mirror_dir) if resume is True else Path(resume)
+        if checkpoint is None:
+            raise FileNotFoundError(f"No verified checkpoint in {str(output_dir)!r}" + (f" or {str(mirror_dir)!r}" if mirror_dir else '') + " to resume from.")
+        return checkpoint
+    taken = [folder for folder in (output_dir, mirror_dir) if folder and checkpoints(folder)]
+    if taken:
+        raise FileExistsError(f"{str(taken[0])!r} already holds checkpoints: pass resume=True (--resume on the command line) "
+                              "to continue, or choose another output_dir (--output-dir).")
+    return None
 
 # %% ../nbs/07_training.ipynb #14a9bf43
 def in_notebook() -> bool:
@@ -400,14 +417,8 @@ def train(cfg: QLoRAConfig, output_dir: str | None = None, resume: bool | str = 
     validate(cfg); seed_everything(cfg.seed); limit_gpu_memory()
     output_dir = output_dir or cfg.output_dir
     mirror = cfg.checkpoint_mirror
-    checkpoint = None
-    if resume:
-        checkpoint = newest_checkpoint(output_dir, mirror) if resume is True else Path(resume)
-        if checkpoint is None: raise FileNotFoundError(f"No verified checkpoint in {output_dir!r}" + (f" or {mirror!r}" if mirror else '') + " to resume from.")
-        cfg = batch_that_worked(cfg, checkpoint)
-    elif checkpoints(output_dir) or (mirror and checkpoints(mirror)):
-        where = output_dir if checkpoints(output_dir) else mirror
-        raise FileExistsError(f"{where!r} already holds checkpoints: pass resume=True (--resume on the command line) to continue, or choose another output_dir (--output-dir).")
+    checkpoint = checkpoint_to_resume(output_dir, resume, mirror)
+    if checkpoint is not None: cfg = batch_that_worked(cfg, checkpoint)
     monitor = monitor or TrainingMonitor()
     tokenizer = tokenizer or load_tokenizer(cfg)
     data = data or build_datasets(cfg, tokenizer)
@@ -441,7 +452,7 @@ def train(cfg: QLoRAConfig, output_dir: str | None = None, resume: bool | str = 
               f"{smaller.micro_batch} x grad_accum={smaller.grad_accum} (same effective batch {cfg.effective_batch}) from "
               + (checkpoint.name if checkpoint else 'the start'))
         if checkpoint is None: _restore(model, start_state); seed_everything(cfg.seed)
-        monitor.rewind(int(checkpoint.name.split('-')[-1]) if checkpoint else 0)
+        monitor.rewind(checkpoint_step(checkpoint) if checkpoint else 0)
         monitor.mark(f'micro-batch {smaller.micro_batch}')
         cfg = smaller
     trainer.monitor_train_seconds = time.time() - start

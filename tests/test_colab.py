@@ -1,5 +1,6 @@
 """A small GPU and a runtime that disconnects: out-of-memory back-off and a verified checkpoint mirror, on the CPU."""
-import json, shutil, warnings
+import json, shutil
+from types import SimpleNamespace
 from pathlib import Path
 import pytest, torch
 
@@ -93,7 +94,7 @@ def test_a_copy_that_does_not_verify_never_replaces_the_older_ones(tmp_path, mon
         c = local/f'checkpoint-{step}'; c.mkdir(parents=True)
         (c/'adapter_model.safetensors').write_bytes(bytes(range(256)) * 64); (c/'trainer_state.json').write_text('{}')
         write_manifest(c)
-        mirror.on_save(type('Args', (), {'output_dir': str(local)}), type('State', (), {'global_step': step}), None)
+        mirror.on_save(SimpleNamespace(output_dir=str(local)), SimpleNamespace(global_step=step), None)
     save(2); save(4)
     real_copytree = shutil.copytree
     def cut_short(src, dst, **kw):   # Drive drops the end of a file

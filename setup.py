@@ -32,7 +32,7 @@ setuptools.setup(
     package_data={cfg['lib_name']: cfg['package_data'].split()},
     include_package_data=True,
     install_requires=cfg['requirements'].split(),
-    extras_require={'dev': cfg['dev_requirements'].split()},
+    extras_require={'dev': cfg['dev_requirements'].split(), 'fast': cfg['fast_requirements'].split()},  # fast: Liger's GPU kernels
     entry_points={'console_scripts': cfg['console_scripts'].split(),
                   'nbdev': [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"]},
     zip_safe=False,

@@ -57,6 +57,10 @@ class QLoRAConfig:
     max_grad_norm: float = 1.0
     optimizer: str = 'auto'            # 'auto': paged 8-bit AdamW on CUDA, AdamW on the CPU
     gradient_checkpointing: bool = True
+    # the fast path (nbs/15_speed.ipynb)
+    fast_lora: bool = True             # one autograd function per 4-bit LoRA layer instead of peft's module chain
+    fused_kernels: bool = True         # Liger's fused RMSNorm, RoPE, SwiGLU and cross-entropy, on a GPU with liger-kernel
+    offload_activations: bool = False  # keep checkpointed layer inputs in pinned CPU memory: less GPU memory, some speed
     auto_micro_batch: bool = False     # on a GPU: the largest micro-batch the memory estimate fits, same effective batch
     oom_backoff: bool = True           # on running out of GPU memory: halve micro_batch, double grad_accum, resume
     checkpoint_mirror: str | None = None  # a second folder (a mounted Google Drive) that gets a verified copy of each checkpoint
@@ -132,7 +136,8 @@ def problems(cfg: QLoRAConfig) -> list:
     p += _positive('max_grad_norm', cfg.max_grad_norm)
     p += _choice('optimizer', cfg.optimizer, OPTIMIZERS)
     for name in ('logging_steps', 'eval_steps', 'save_steps', 'save_total_limit'): p += _positive(name, getattr(cfg, name), int)
-    for name in ('gradient_checkpointing', 'auto_micro_batch', 'oom_backoff', 'packing', 'train_on_prompt', 'double_quant'):
+    for name in ('gradient_checkpointing', 'auto_micro_batch', 'oom_backoff', 'packing', 'train_on_prompt', 'double_quant',
+                 'fast_lora', 'fused_kernels', 'offload_activations'):
         if not isinstance(getattr(cfg, name), bool): p.append(f"{name}={getattr(cfg, name)!r} must be True or False.")
     if cfg.checkpoint_mirror is not None and (not isinstance(cfg.checkpoint_mirror, str) or not cfg.checkpoint_mirror.strip()):
         p.append(f"checkpoint_mirror={cfg.checkpoint_mirror!r} must be a folder path (e.g. '/content/drive/MyDrive/qlora_nb') or None.")

@@ -28,6 +28,7 @@ GROUPS = {'Model': ('model', 'revision', 'quant_type', 'double_quant', 'compute_
                        'weight_decay', 'max_grad_norm', 'optimizer', 'gradient_checkpointing', 'auto_micro_batch',
                        'oom_backoff', 'seed'),
           'Saving': ('logging_steps', 'eval_steps', 'save_steps', 'save_total_limit', 'output_dir', 'checkpoint_mirror'),
+          'Speed': ('fast_lora', 'fused_kernels', 'offload_activations'),
           'GPUs': ('distributed', 'num_processes')}
 TEXT_FORMS = {'target_modules': "'all-linear' or a comma list: q_proj, v_proj",
               'columns': 'pairs such as instruction=question, output=answer',

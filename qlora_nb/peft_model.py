@@ -26,13 +26,15 @@ def check_trainable(model: nn.Module) -> dict:
     total = sum(p.quant_state.shape.numel() if getattr(p, 'quant_state', None) is not None else p.numel() for p in model.parameters())
     return dict(trainable=sum(p.numel() for p in trainable.values()), total=total)
 
-def create_peft_model(model: nn.Module, cfg: QLoRAConfig) -> PeftModel:
-    "Prepare `model` for k-bit training if needed, add LoRA adapters from `cfg`, keep them float32, and check."
+def create_peft_model(model: nn.Module, cfg: QLoRAConfig, verbose: bool = True) -> PeftModel:
+    "Prepare `model` for k-bit training if needed, add LoRA adapters from `cfg`, keep them float32, check, and switch on the fast path (`qlora_nb.speed.speed_up`)."
     if not getattr(model, 'is_qlora_prepared', False): model = prepare_for_kbit_training(model, cfg)
     peft_model = get_peft_model(model, lora_config(cfg, model))
     for n, p in peft_model.named_parameters():
         if p.requires_grad: p.data = p.data.float()
     check_trainable(peft_model)
+    from qlora_nb.speed import speed_up
+    speed_up(peft_model, cfg, verbose=verbose)
     return peft_model
 
 # %% ../nbs/06_peft_model.ipynb #4b2f1352

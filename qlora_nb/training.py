@@ -11,7 +11,7 @@ __all__ = ['MANIFEST', 'choose_optimizer', 'total_steps', 'training_arguments', 
            'out_of_memory_advice', 'batch_that_worked', 'auto_split', 'train']
 
 # %% ../nbs/07_training.ipynb #bbc57b7f
-import os, gc, json, math, time, shutil, hashlib, warnings
+import os, gc, json, math, time, shutil, hashlib, warnings, contextlib
 from pathlib import Path
 
 import torch
@@ -61,19 +61,28 @@ class NonFiniteError(RuntimeError):
 
 def trainable_grad_norm(model) -> float:
     "The L2 norm of the trainable parameters' gradients."
-    grads = [p.grad.detach().float().norm() for p in model.parameters() if p.requires_grad and p.grad is not None]
-    return torch.stack(grads).norm().item() if grads else 0.0
+    grads = [p.grad.detach().float() for p in model.parameters() if p.requires_grad and p.grad is not None]
+    return torch.stack(torch._foreach_norm(grads)).norm().item() if grads else 0.0   # one multi-tensor kernel, not one per tensor
 
 class QLoRATrainer(Trainer):
-    "A `Trainer` that checks every micro-batch's raw loss and records one loss per optimizer step."
+    "A `Trainer` that checks every micro-batch's raw loss before the optimizer step, records them, and can offload activations."
+    offload = None    # a `qlora_nb.speed.OffloadActivations` when cfg.offload_activations (set by make_trainer)
+
     def training_step(self, model, inputs, num_items_in_batch=None):
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        value = loss.item()
-        if not math.isfinite(value):
-            raise NonFiniteError(f"Loss is {value} at step {self.state.global_step + 1}: training stopped before the "
-                                 "optimizer step; the last checkpoint is intact. Lower the learning rate, or check the data.")
-        self._step_losses = getattr(self, '_step_losses', []) + [value]
+        with self.offload or contextlib.nullcontext():
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        self._micro_losses = getattr(self, '_micro_losses', []) + [loss.detach()]
+        if self.accelerator.sync_gradients: self.check_losses()    # the step's last micro-batch
         return loss
+
+    def check_losses(self):
+        "Read this step's micro-batch losses from the GPU at once (one wait per step, not one per micro-batch); raise on NaN or Inf."
+        values, self._micro_losses = torch.stack(self._micro_losses).float().tolist(), []
+        bad = next((v for v in values if not math.isfinite(v)), None)
+        if bad is not None:
+            raise NonFiniteError(f"Loss is {bad} at step {self.state.global_step + 1}: training stopped before the "
+                                 "optimizer step; the last checkpoint is intact. Lower the learning rate, or check the data.")
+        self._step_losses = getattr(self, '_step_losses', []) + values
 
 class NanWatch(TrainerCallback):
     "Raise `NonFiniteError` on a non-finite gradient norm, before the optimizer step."
@@ -330,6 +339,9 @@ def make_trainer(model, tokenizer, cfg: QLoRAConfig, data: dict, output_dir: str
                                      + ([CheckpointMirror(cfg.checkpoint_mirror, cfg.save_total_limit)] if cfg.checkpoint_mirror else []))
     monitor.trainer = trainer
     trainer.monitor = monitor
+    if cfg.offload_activations:
+        from qlora_nb.speed import OffloadActivations
+        trainer.offload = OffloadActivations(model)
     return trainer
 
 # %% ../nbs/07_training.ipynb #d26703b4

@@ -18,7 +18,8 @@ export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} HF_DATASETS_OFFLINE=${HF_DATASETS_OFF
 export IPYTHONDIR=${IPYTHONDIR:-$PWD/.ipython} MPLBACKEND=${MPLBACKEND:-Agg} TOKENIZERS_PARALLELISM=false
 case "$what" in
   train)
-    $VPY -m pip install -q -e .
+    extras=""; if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then extras="[fast]"; fi   # Liger's GPU kernels
+    $VPY -m pip install -q -e ".$extras"
     exec .venv/bin/qlora-nb train "$@" ;;
   test)
     $VPY -m pip install -q -e ".[dev]"

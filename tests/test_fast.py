@@ -1,0 +1,104 @@
+"""The fast path on the CPU: LoRA4bit gives peft's losses and gradients (also with the q, k, v biases of Qwen2), hands
+every case it does not cover back to peft, says what it switched on and why not, and changes nothing that training
+computes: activation offload gives the same adapter, and a NaN in any micro-batch still stops before the optimizer step."""
+from dataclasses import replace
+import pytest, torch
+from safetensors.torch import load_file
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from qlora_nb.config import QLoRAConfig, ConfigError, get_config, validate
+from qlora_nb.loading import load_model, load_tokenizer, tiny_tokenizer
+from qlora_nb.peft_model import create_peft_model
+from qlora_nb.speed import use_fast_lora, speed_up
+from qlora_nb.training import train, NonFiniteError, checkpoints
+
+IDS = torch.randint(4, 250, (2, 24), generator=torch.Generator().manual_seed(0))
+
+@pytest.fixture(scope='module')
+def tiny_qwen(tmp_path_factory):
+    "A 2-layer Qwen2 (biases on q, k and v) saved with the embedded tokenizer."
+    path = tmp_path_factory.mktemp('qwen')
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=288, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False))
+    with torch.no_grad():   # biases start at zero: give them values, as a trained model has
+        for name, p in model.named_parameters():
+            if name.endswith('.bias'): p.normal_(0, 0.5)
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+def peft_model(cfg):
+    torch.manual_seed(0)
+    model = create_peft_model(load_model(cfg, load_tokenizer(cfg, verbose=False)), cfg, verbose=False)
+    with torch.no_grad():   # B starts at zero; random values exercise every gradient
+        for n, p in model.named_parameters():
+            if 'lora_B' in n: p.normal_(0, 0.05)
+    return model
+
+def loss_and_grads(model, fast: bool):
+    use_fast_lora(model, fast); model.zero_grad(); torch.manual_seed(1)
+    loss = model(input_ids=IDS, labels=IDS).loss
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+@pytest.mark.parametrize('dropout', [0.0, 0.1])
+def test_lora4bit_gives_peft_losses_and_gradients_with_biases(tiny_qwen, dropout):
+    model = peft_model(QLoRAConfig(model=str(tiny_qwen), dropout=dropout, fast_lora=False, fused_kernels=False))
+    q = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert q.base_layer.bias is not None and q.base_layer.bias.abs().sum() > 0     # the bias path is exercised
+    (loss_peft, g_peft), (loss_fast, g_fast) = loss_and_grads(model, False), loss_and_grads(model, True)
+    assert abs(loss_peft - loss_fast) <= 1e-5 * loss_peft
+    assert g_peft.keys() == g_fast.keys() and len(g_peft) == 2 * 7 * 2
+    for name in g_peft:
+        assert (g_peft[name] - g_fast[name]).abs().max() <= 1e-4 * g_peft[name].abs().max(), name   # float32 rounding of another summation order
+
+def test_cases_lora4bit_does_not_cover_go_to_peft():
+    model = peft_model(QLoRAConfig(dropout=0.0, fast_lora=True, fused_kernels=False))
+    model.eval()
+    with torch.no_grad():
+        fast = model(input_ids=IDS).logits
+        with model.disable_adapter(): base_only = model(input_ids=IDS).logits     # disabled adapters: the base alone
+        use_fast_lora(model, False)
+        peft_logits = model(input_ids=IDS).logits
+        with model.disable_adapter(): peft_base = model(input_ids=IDS).logits
+    assert torch.allclose(fast, peft_logits, atol=1e-5) and torch.equal(base_only, peft_base)
+    assert not torch.allclose(fast, base_only, atol=1e-3)                               # the adapter does change the output
+
+def test_speed_up_says_what_it_switched_on_and_why_not():
+    model = peft_model(QLoRAConfig(fast_lora=False, fused_kernels=False))
+    notes = speed_up(model, QLoRAConfig(), verbose=False)
+    assert notes[0].startswith('fused kernels: off (no CUDA GPU') if not torch.cuda.is_available() else notes[0].startswith('fused kernels:')
+    assert notes[1] == 'fast LoRA: on, 28 4-bit LoRA layers through LoRA4bit' and notes[2] == 'activation offload: off'
+    assert 'under FSDP' in speed_up(model, QLoRAConfig(distributed='fsdp', quant_storage='bfloat16', num_processes=2), verbose=False)[1]
+    assert speed_up(model, QLoRAConfig(fast_lora=False, fused_kernels=False), verbose=False)[:2] == [
+        'fused kernels: off (fused_kernels=False)', "fast LoRA: off (fast_lora=False): peft's forward"]
+
+@pytest.mark.parametrize('field', ['fast_lora', 'fused_kernels', 'offload_activations'])
+def test_switches_must_be_true_or_false(field):
+    with pytest.raises(ConfigError, match=field): validate(QLoRAConfig(**{field: 'yes'}))
+
+def test_offload_changes_nothing_training_computes(tmp_path):
+    cfg = get_config('tiny', max_steps=4, micro_batch=16, grad_accum=2, gradient_checkpointing=True, save_steps=100, eval_steps=100)
+    adapters = []
+    for offload in (False, True):
+        trainer = train(replace(cfg, offload_activations=offload), str(tmp_path/f"run{offload}"))
+        assert (trainer.offload is not None) == offload
+        adapters.append({n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad})
+    assert all(torch.equal(adapters[0][n], adapters[1][n]) for n in adapters[0])
+
+def test_nan_in_a_middle_micro_batch_stops_before_that_optimizer_step(tmp_path):
+    cfg = get_config('tiny', max_steps=6, micro_batch=16, grad_accum=4, save_steps=2, eval_steps=1000, logging_steps=1)
+    tok = load_tokenizer(cfg, verbose=False)
+    model = create_peft_model(load_model(cfg, tok), cfg, verbose=False)
+    calls = {'n': 0}
+    def poison(module, inputs, output):   # the second micro-batch of step 3: forward call 4 * 2 + 2
+        if module.training: calls['n'] += 1
+        return output * float('nan') if calls['n'] == 10 else output
+    model.base_model.model.model.layers[1].mlp.register_forward_hook(poison)
+    with pytest.raises(NonFiniteError, match='Loss is nan at step 3'):     # found by the loss check, not only by the gradient's
+        train(cfg, str(tmp_path), model=model, tokenizer=tok)
+    assert [c.name for c in checkpoints(tmp_path)] == ['checkpoint-2']
+    saved = load_file(tmp_path/'checkpoint-2'/'adapter_model.safetensors')
+    now = {n.replace('.default', ''): p for n, p in model.named_parameters() if p.requires_grad}
+    assert saved.keys() == now.keys() and all(torch.equal(saved[n], now[n].to(saved[n].dtype)) for n in saved)   # step 3 never stepped

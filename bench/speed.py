@@ -8,11 +8,12 @@ tokens fed and useful (not padding). tokens_per_s counts useful tokens only.
 Recipes:
   project  qlora_nb's own path: load_tokenizer, load_model, create_peft_model, make_trainer (no float32 upcast of
            embeddings and lm_head; the package's precision and optimizer: bf16 and paged 8-bit AdamW on a recent
-           GPU, float32 and AdamW on the CPU)
+           GPU, float32 and AdamW on the CPU) with its fast path as configured: LoRA4bit (--fast-lora), Liger's
+           fused kernels on a GPU (--fused), activation offload (--offload)
   plain    the usual recipe, written out here: BitsAndBytesConfig, from_pretrained, peft's
            prepare_model_for_kbit_training (which upcasts), get_peft_model, the HF Trainer; same compute dtype,
            optimizer, data and seed as the project recipe
-Both: r=16, alpha=32, dropout 0.05, all linear layers, gradient checkpointing, learning rate 2e-4 constant.
+Both: r=16, alpha=32, dropout 0.05 (--dropout), all linear layers, gradient checkpointing, learning rate 2e-4 constant.
 With --compare both run in this process on the same examples in the same order, each setting starting from the
 same LoRA initialization, and a line `PARITY {json}` per setting gives the largest relative per-step loss difference.
 
@@ -20,9 +21,10 @@ Lengths: 'fixed' rows of --seq tokens; 'instruction' lengths drawn like an instr
 --median=300 tokens, cut at --seq), right-padded per batch, or padding-free with --packing.
 
     python bench/speed.py --shape llama2-7b --bsz 2 8 --compare --out speed.jsonl
-    python bench/speed.py --shape llama3-8b --bsz 8 --lengths instruction --packing --liger
+    python bench/speed.py --shape llama3-8b --bsz 8 --lengths instruction --packing --offload off on
+    python bench/speed.py --shape llama2-7b --bsz 2 --fast-lora off --fused off     # the path without its fast parts
     python bench/speed.py --shape tiny --seq 256 --steps 3 --compare          # CPU, seconds
-    python bench/speed.py --table speed.jsonl                                  # markdown table with ratios
+    python bench/speed.py --table speed.jsonl unsloth.log                      # markdown table with ratios
 """
 import argparse, gc, json, math, os, resource, sys, time
 from dataclasses import replace
@@ -35,8 +37,6 @@ GiB = 2**30
 LR = 2e-4
 MAX_POSITIONS = 4096            # make_model.py's max_position_embeddings
 TOLERANCE = {'float32': 1e-4, 'bfloat16': 1e-2, 'float16': 1e-2}   # largest relative per-step loss difference allowed
-# Unsloth 2026.10.9 on one H200, seq 2048, r=16 (shared/bench/README.md): (shape, bsz) -> (tokens/s, peak GiB)
-UNSLOTH_H200 = {('llama2-7b', 2): (10_370, 4.92), ('llama2-7b', 8): (11_923, 7.68), ('llama3-8b', 2): (9_159, 6.74)}
 
 
 def parse_args(argv=None):
@@ -54,17 +54,22 @@ def parse_args(argv=None):
     p.add_argument('--median', type=int, default=300, help="median length of the 'instruction' examples, in tokens")
     p.add_argument('--packing', nargs='*', choices=['off', 'on'], default=['off'],
                    help="padding-free batches (DataCollatorWithFlattening); '--packing off on' runs both")
-    p.add_argument('--liger', action='store_true', help="Liger's fused kernels (project recipe, CUDA only)")
+    p.add_argument('--fast-lora', choices=['on', 'off'], default='on', help='project recipe: LoRA4bit for the 4-bit LoRA layers')
+    p.add_argument('--fused', choices=['on', 'off'], default='on', help="project recipe: Liger's fused kernels (on a GPU with liger-kernel)")
+    p.add_argument('--offload', nargs='*', choices=['off', 'on'], default=['off'],
+                   help="project recipe: activation offload; '--offload off on' runs both")
     p.add_argument('--dropout', type=float, default=0.05, help='LoRA dropout')
     p.add_argument('--r', type=int, default=16, help='LoRA rank; alpha is 2r')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--store', default='/tmp/models', help='where the random-weight models are saved')
     p.add_argument('--out', help='append each RESULT and PARITY line, as JSON, to this file')
     p.add_argument('--save-adapter', help="save the project recipe's adapter here after the last setting")
-    p.add_argument('--table', metavar='JSONL', help='print a markdown table of the results in JSONL, then exit')
+    p.add_argument('--table', metavar='FILE', nargs='+', help='print a markdown table of the results in these JSONL files or logs, then exit')
     a = p.parse_args(argv)
     if a.table: return a
     a.packing = [mode == 'on' for mode in (a.packing or ['on'])]    # a bare --packing means on
+    a.offload = [mode == 'on' for mode in (a.offload or ['on'])]
+    a.fast_lora, a.fused = a.fast_lora == 'on', a.fused == 'on'
     problems = [f'--bsz {b} must be 1 or more' for b in a.bsz if b < 1]
     if not 1 < a.seq <= MAX_POSITIONS: problems.append(f'--seq {a.seq} must be between 2 and {MAX_POSITIONS}')
     if a.steps < 1: problems.append(f'--steps {a.steps} must be 1 or more')
@@ -72,8 +77,7 @@ def parse_args(argv=None):
     if a.median < 1: problems.append(f'--median {a.median} must be 1 or more')
     if a.r < 1: problems.append(f'--r {a.r} must be 1 or more')
     if not 0 <= a.dropout < 1: problems.append(f'--dropout {a.dropout} must be at least 0 and below 1')
-    if a.liger and (a.compare or a.recipe == 'plain'):
-        problems.append("--liger patches transformers for the whole process: use it with --recipe project, without --compare")
+    if a.recipe == 'plain' and not a.compare and any(a.offload): problems.append('--offload is a setting of the project recipe')
     if a.save_adapter and not (a.compare or a.recipe == 'project'): problems.append('--save-adapter saves the project recipe\'s adapter')
     if problems: p.error('; '.join(problems))
     return a
@@ -95,6 +99,7 @@ def project_config(path: Path, a, bsz: int, steps: int):
     return QLoRAConfig(model=str(path), r=a.r, alpha=2 * a.r, dropout=a.dropout, target_modules='all-linear',
                        max_length=a.seq, packing=False, learning_rate=LR, lr_scheduler='constant', warmup_ratio=0.0,
                        max_steps=steps, micro_batch=bsz, grad_accum=1, gradient_checkpointing=True, seed=a.seed,
+                       fast_lora=a.fast_lora, fused_kernels=a.fused,
                        logging_steps=1, eval_steps=10**9, save_steps=10**9, output_dir='/tmp/qlora_nb_speed/project')
 
 
@@ -106,22 +111,26 @@ class ProjectRecipe:
         from transformers import set_seed
         from qlora_nb.loading import load_tokenizer, load_model
         from qlora_nb.peft_model import create_peft_model
+        from qlora_nb.speed import speed_up
         self.a, self.cfg = a, project_config(path, a, a.bsz[0], a.warmup + a.steps)
         self.tokenizer = load_tokenizer(self.cfg, verbose=False)
         base = load_model(self.cfg, self.tokenizer)
         set_seed(a.seed)                       # the same LoRA initialization as the plain recipe
-        self.model = create_peft_model(base, self.cfg)
+        self.model = create_peft_model(base, replace(self.cfg, fast_lora=False, fused_kernels=False), verbose=False)
+        self.notes = speed_up(self.model, self.cfg)   # what create_peft_model would switch on, kept for the RESULT lines
+        self.fused = self.notes[0].startswith('fused kernels: on')
 
-    def trainer(self, data: list, bsz: int, steps: int, packing: bool):
+    def trainer(self, data: list, bsz: int, steps: int, packing: bool, offload: bool = False):
         from qlora_nb.data import TrainingData
         from qlora_nb.training import make_trainer
-        cfg = replace(self.cfg, micro_batch=bsz, max_steps=steps, packing=packing)
+        cfg = replace(self.cfg, micro_batch=bsz, max_steps=steps, packing=packing, offload_activations=offload)
         return make_trainer(self.model, self.tokenizer, cfg, TrainingData(data, None, {}, 'text'), cfg.output_dir)
 
 
 class PlainRecipe:
     "The usual QLoRA recipe: from_pretrained in 4 bits, prepare_model_for_kbit_training, get_peft_model, Trainer."
     name = 'plain'
+    fused, notes = False, []
 
     def __init__(self, path: Path, a):
         from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, set_seed
@@ -142,7 +151,7 @@ class PlainRecipe:
         self.model = get_peft_model(model, LoraConfig(r=a.r, lora_alpha=2 * a.r, lora_dropout=a.dropout,
                                                       target_modules='all-linear', task_type='CAUSAL_LM'))
 
-    def trainer(self, data: list, bsz: int, steps: int, packing: bool):
+    def trainer(self, data: list, bsz: int, steps: int, packing: bool, offload: bool = False):
         from transformers import Trainer, TrainingArguments, DataCollatorForSeq2Seq, DataCollatorWithFlattening
         a = self.a
         args = TrainingArguments(output_dir='/tmp/qlora_nb_speed/plain', per_device_train_batch_size=bsz, max_steps=steps,
@@ -185,7 +194,7 @@ def measure(recipe, setting: dict, data: list, a) -> dict:
     from qlora_nb.speed import StepClock, TokenCounter
     cuda = torch.cuda.is_available()
     bsz, total = setting['bsz'], a.warmup + a.steps
-    trainer = recipe.trainer(data, bsz, total, setting['packing'])
+    trainer = recipe.trainer(data, bsz, total, setting['packing'], setting['offload'])
     clock, counter = StepClock(a.warmup), TokenCounter(trainer.data_collator)
     trainer.add_callback(clock)
     trainer.data_collator = counter
@@ -197,7 +206,8 @@ def measure(recipe, setting: dict, data: list, a) -> dict:
     useful, fed = sum(counter.useful[timed]), sum(counter.fed[timed])
     del trainer
     return dict(status='ok', shape=a.shape, mode=recipe.name, recipe=recipe.name, lengths=setting['lengths'], packing=setting['packing'],
-                liger=a.liger_on, liger_note=a.liger_note, dropout=a.dropout, r=a.r, seq=a.seq, bsz=bsz, steps=a.steps,
+                fast_lora=recipe.name == 'project' and a.fast_lora, fused=recipe.fused, offload=setting['offload'],
+                fast_path=recipe.notes, dropout=a.dropout, r=a.r, seq=a.seq, bsz=bsz, steps=a.steps,
                 warmup=a.warmup, tokens_per_s=round(useful / seconds, 1), fed_tokens_per_s=round(fed / seconds, 1),
                 s_per_step=round(seconds / a.steps, 4), useful_tokens=useful, fed_tokens=fed,
                 padding_share=round(1 - useful / fed, 4), load_s=recipe.load_s, loaded_gib=recipe.loaded_gib,
@@ -228,30 +238,28 @@ def load_recipe(name: str, path: Path, a):
     recipe.loaded_gib = round(torch.cuda.memory_allocated() / GiB, 3) if torch.cuda.is_available() else None
     return recipe
 
-def setting_key(s: dict) -> tuple: return s['lengths'], s['bsz'], s['packing']
+def setting_key(s: dict) -> tuple: return s['lengths'], s['bsz'], s['packing'], s['offload']
 
 def out_of_memory(recipe, s: dict, a, error) -> dict:
     "A RESULT for a setting that ran out of GPU memory: the run goes on with the next one."
-    return dict(shape=a.shape, mode=recipe.name, recipe=recipe.name, **s, seq=a.seq, steps=a.steps, liger=a.liger_on,
-                dropout=a.dropout, status='oom', message=str(error).splitlines()[0][:300])
+    return dict(shape=a.shape, mode=recipe.name, recipe=recipe.name, **s, seq=a.seq, steps=a.steps, fused=recipe.fused,
+                fast_lora=recipe.name == 'project' and a.fast_lora, dropout=a.dropout, status='oom', message=str(error).splitlines()[0][:300])
 
 def run(a) -> list:
     "Every recipe over every setting; RESULT and PARITY lines printed (and appended to --out) as they come."
     import torch
     from make_model import make_model, model_type, SHAPES
     from qlora_nb.core import choose_precision
-    from qlora_nb.speed import apply_liger
-    path = make_model(a.shape, Path(a.store)/a.shape)     # built before any kernel patch
-    a.liger_on, a.liger_note = apply_liger(model_type(a.shape)) if a.liger else (False, 'not asked')
-    if a.liger: print(f"Liger: {'on' if a.liger_on else 'off'} ({a.liger_note})", flush=True)
+    path = make_model(a.shape, Path(a.store)/a.shape)
     vocab = SHAPES[a.shape]['vocab_size']
-    settings = [dict(lengths=l, bsz=b, packing=p) for l in a.lengths for b in a.bsz for p in a.packing]
+    settings = [dict(lengths=l, bsz=b, packing=p, offload=o) for l in a.lengths for b in a.bsz for p in a.packing for o in a.offload]
     data = {(l, b): examples(l, b * (a.warmup + a.steps), a.seq, a.median, vocab, a.seed) for l in a.lengths for b in a.bsz}
     results = {}
     for name in (['plain', 'project'] if a.compare else [a.recipe]):
         recipe = load_recipe(name, path, a)
         start = trainable_state(recipe.model)
         for s in settings:
+            if s['offload'] and name == 'plain': continue      # offload is the project recipe's setting
             restore(recipe.model, start)            # every setting starts from the same adapter
             try: r = measure(recipe, s, data[s['lengths'], s['bsz']], a)
             except torch.OutOfMemoryError as error: r = out_of_memory(recipe, s, a, error)
@@ -265,6 +273,7 @@ def run(a) -> list:
     if a.compare:
         dtype = str(choose_precision('auto').compute_dtype).replace('torch.', '')
         for s in settings:
+            if s['offload']: continue
             plain, project = results[('plain', *setting_key(s))], results[('project', *setting_key(s))]
             if 'losses' in plain and 'losses' in project: emit('PARITY', parity(plain, project, dtype), a.out)
     return list(results.values())
@@ -272,24 +281,40 @@ def run(a) -> list:
 
 # ---- the table ----------------------------------------------------------------------------------------------------
 
-def table(path: str) -> str:
-    "A markdown table of the RESULT lines in `path`, with ratios against the plain recipe of the same file and setting."
-    rows = [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
-    results = [r for r in rows if r.get('kind', 'RESULT') == 'RESULT' and r.get('status', 'ok') == 'ok']
+def read_results(paths: list) -> list:
+    "RESULT and PARITY records from JSONL files written by --out, or from logs holding `RESULT {json}` lines (the reference scripts')."
+    rows = []
+    for path in paths:
+        for line in Path(path).read_text().splitlines():
+            kind, _, rest = line.partition(' ')
+            if kind in ('RESULT', 'PARITY') and rest.startswith('{'): rows.append(dict(kind=kind, **json.loads(rest)))
+            elif line.startswith('{') and Path(path).suffix == '.jsonl': rows.append(json.loads(line))   # a log's other output is not ours to read
+    for r in rows:   # the reference scripts' lines: mode names the recipe; fixed-length rows, padded
+        r.setdefault('kind', 'RESULT'); r.setdefault('recipe', r.get('mode'))
+        r.setdefault('lengths', 'fixed'); r.setdefault('packing', False); r.setdefault('dropout', 0.05)
+    return rows
+
+def table(paths: list) -> str:
+    "A markdown table of the RESULT lines in `paths`, with ratios against the plain recipe and Unsloth measured in the same run."
+    rows = read_results(paths)
+    results = [r for r in rows if r['kind'] == 'RESULT' and r.get('status', 'ok') == 'ok']
     def key(r): return r['shape'], r['bsz'], r['lengths'], r['seq']
-    plain = {key(r): r for r in results if r['recipe'] == 'plain' and not r['packing']}   # the padded plain recipe
-    lines = ['| shape | bsz | lengths | recipe | useful tok/s | s/step | peak alloc GiB | x plain (same run) | x Unsloth (H200 figure) |',
-             '|---|---|---|---|---|---|---|---|---|']
-    for r in results:
-        what = r['recipe'] + (' + packing' if r['packing'] else '') + (' + liger' if r['liger'] else '') + (f" + dropout {r['dropout']:g}" if r['dropout'] != 0.05 else '')
-        base = plain.get(key(r))
-        unsloth = UNSLOTH_H200.get((r['shape'], r['bsz'])) if r['lengths'] == 'fixed' and r['seq'] == 2048 else None
-        peak = f"{r['peak_alloc_gib']:.2f}" if r['peak_alloc_gib'] is not None else '-'
+    plain = {key(r): r for r in results if r['recipe'] == 'plain' and not r['packing'] and r['dropout'] == 0.05}   # the padded plain recipe as usually written
+    unsloth = {key(r): r for r in results if r['recipe'] == 'unsloth'}
+    lines = ['| shape | bsz | lengths | recipe | useful tok/s | s/step | peak alloc GiB | x plain | x Unsloth | memory x Unsloth |',
+             '|---|---|---|---|---|---|---|---|---|---|']
+    for r in sorted(results, key=lambda r: (r['shape'], r['lengths'], r['bsz'])):
+        what = (r['recipe'] + (' (no LoRA4bit)' if r['recipe'] == 'project' and not r.get('fast_lora') else '')
+                + (' + Liger' if r.get('fused') else '') + (' + offload' if r.get('offload') else '')
+                + (' + packing' if r['packing'] else '') + f", dropout {r['dropout']:g}")
+        base, peer = plain.get(key(r)), unsloth.get(key(r))
+        peak = f"{r['peak_alloc_gib']:.2f}" if r.get('peak_alloc_gib') is not None else '-'
         vs_plain = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}" if base else '-'
-        vs_unsloth = f"{r['tokens_per_s'] / unsloth[0]:.2f}" if unsloth else '-'
+        vs_unsloth = f"{r['tokens_per_s'] / peer['tokens_per_s']:.2f}" if peer else '-'
+        mem_unsloth = f"{r['peak_alloc_gib'] / peer['peak_alloc_gib']:.2f}" if peer and r.get('peak_alloc_gib') else '-'
         lines.append(f"| {r['shape']} | {r['bsz']} | {r['lengths']} | {what} | {r['tokens_per_s']:,.0f} | {r['s_per_step']:.3f} | "
-                     f"{peak} | {vs_plain} | {vs_unsloth} |")
-    for p in (r for r in rows if r.get('kind') == 'PARITY'):
+                     f"{peak} | {vs_plain} | {vs_unsloth} | {mem_unsloth} |")
+    for p in (r for r in rows if r['kind'] == 'PARITY'):
         lines.append(f"\nparity {p['shape']} bsz {p['bsz']} {p['lengths']}{' packed' if p['packing'] else ''}: max relative loss difference {p['max_rel_diff']:.1e} "
                      f"over {p['steps']} steps ({p['dtype']}, allowed {p['tolerance']:g}): {'ok' if p['ok'] else 'FAILED'}")
     return '\n'.join(lines)

@@ -52,14 +52,18 @@ def test_useful_tokens_leave_out_padding(compared):
     varied = [r for r in results if r['lengths'] == 'instruction']
     assert varied[0]['useful_tokens'] == varied[1]['useful_tokens'] < varied[0]['fed_tokens']
 
-def test_padding_free_feeds_the_same_useful_tokens_and_liger_says_it_is_off(compared, tmp_path):
+def test_padding_free_and_offload_feed_the_same_useful_tokens_and_fused_kernels_say_why_off(compared, tmp_path):
     _, results, _ = compared
     padded = next(r for r in results if r['recipe'] == 'project' and r['lengths'] == 'instruction')
-    out, [packed], _ = run_speed(*TINY, '--lengths', 'instruction', '--packing', '--liger', '--store', str(tmp_path))
-    assert packed['packing'] and packed['useful_tokens'] == packed['fed_tokens'] == padded['useful_tokens']
-    assert abs(packed['first_loss'] - padded['first_loss']) <= 1e-5 * padded['first_loss']   # same examples, same model
+    out, runs, _ = run_speed(*TINY, '--lengths', 'instruction', '--packing', '--offload', 'off', 'on', '--store', str(tmp_path))
+    assert [r['offload'] for r in runs] == [False, True]
+    for packed in runs:
+        assert packed['packing'] and packed['useful_tokens'] == packed['fed_tokens'] == padded['useful_tokens']
+        assert abs(packed['first_loss'] - padded['first_loss']) <= 1e-5 * padded['first_loss']   # same examples, same model
+        assert packed['fast_lora'] is True and any('LoRA4bit' in n for n in packed['fast_path'])
+    assert runs[0]['losses'] == runs[1]['losses']             # offload moves tensors, never changes them
     if not torch.cuda.is_available():
-        assert 'Liger: off (no CUDA GPU' in out and packed['liger'] is False and 'GPU' in packed['liger_note']
+        assert runs[0]['fused'] is False and 'fused kernels: off (no CUDA GPU' in out
 
 def test_the_saved_adapter_loads_with_plain_peft(compared):
     from peft import PeftModel
@@ -76,13 +80,25 @@ def test_the_saved_adapter_loads_with_plain_peft(compared):
 def test_bad_arguments_are_refused(capsys):
     speed = speed_module()
     for argv, words in ((['--bsz', '0'], '--bsz 0 must be 1 or more'), (['--seq', '9000'], '--seq 9000 must be between'),
-                        (['--liger', '--compare'], '--liger patches transformers')):
+                        (['--recipe', 'plain', '--offload', 'on'], '--offload is a setting of the project recipe')):
         with pytest.raises(SystemExit): speed.parse_args(argv)
         assert words in capsys.readouterr().err
 
 def test_table_gives_ratios_against_the_plain_recipe(compared):
     tmp, _, _ = compared
-    text = speed_module().table(tmp/'speed.jsonl')
+    text = speed_module().table([tmp/'speed.jsonl'])
     rows = [l for l in text.splitlines() if l.startswith('| tiny')]
     assert len(rows) == 4 and all(r.split('|')[8].strip() not in ('', '-') for r in rows)
     assert 'parity tiny bsz 2 fixed' in text
+
+def test_table_reads_reference_logs_and_gives_ratios_against_unsloth(compared, tmp_path):
+    "A reference script's `RESULT {json}` line (mode 'unsloth') joins the table; ratios are against it, same shape and batch."
+    tmp, results, _ = compared
+    project = next(r for r in results if r['recipe'] == 'project' and r['lengths'] == 'fixed')
+    peer = dict(shape='tiny', mode='unsloth', r=16, dropout=0.0, seq=64, bsz=2, steps=1, tokens_per_s=2 * project['tokens_per_s'],
+                s_per_step=1.0, peak_alloc_gib=None, first_loss=1.0, last_loss=1.0)
+    (tmp_path/'unsloth.log').write_text('loading...\nRESULT ' + json.dumps(peer) + '\n')
+    text = speed_module().table([tmp/'speed.jsonl', tmp_path/'unsloth.log'])
+    row = next(l for l in text.splitlines() if l.startswith('| tiny | 2 | fixed | project'))
+    assert row.split('|')[9].strip() == '0.50'
+    assert any(l.startswith('| tiny | 2 | fixed | unsloth') for l in text.splitlines())

@@ -111,13 +111,12 @@ class ProjectRecipe:
         from transformers import set_seed
         from qlora_nb.loading import load_tokenizer, load_model
         from qlora_nb.peft_model import create_peft_model
-        from qlora_nb.speed import speed_up
         self.a, self.cfg = a, project_config(path, a, a.bsz[0], a.warmup + a.steps)
         self.tokenizer = load_tokenizer(self.cfg, verbose=False)
         base = load_model(self.cfg, self.tokenizer)
         set_seed(a.seed)                       # the same LoRA initialization as the plain recipe
-        self.model = create_peft_model(base, replace(self.cfg, fast_lora=False, fused_kernels=False), verbose=False)
-        self.notes = speed_up(self.model, self.cfg)   # what create_peft_model would switch on, kept for the RESULT lines
+        self.model = create_peft_model(base, self.cfg)
+        self.notes = self.model.fast_path      # what create_peft_model switched on, for the RESULT lines
         self.fused = self.notes[0].startswith('fused kernels: on')
 
     def trainer(self, data: list, bsz: int, steps: int, packing: bool, offload: bool = False):

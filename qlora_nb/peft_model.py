@@ -34,7 +34,7 @@ def create_peft_model(model: nn.Module, cfg: QLoRAConfig, verbose: bool = True) 
         if p.requires_grad: p.data = p.data.float()
     check_trainable(peft_model)
     from qlora_nb.speed import speed_up
-    speed_up(peft_model, cfg, verbose=verbose)
+    peft_model.fast_path = speed_up(peft_model, cfg, verbose=verbose)   # what was switched on, and why anything was not
     return peft_model
 
 # %% ../nbs/06_peft_model.ipynb #4b2f1352

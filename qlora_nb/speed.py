@@ -12,6 +12,8 @@ import contextlib, math, random, time, types
 from importlib import metadata
 
 import torch
+import bitsandbytes as bnb
+from bitsandbytes.functional import dequantize_4bit
 from transformers import TrainerCallback
 
 from .core import has_cuda, compute_capability
@@ -107,13 +109,10 @@ def apply_liger(model_type: str = 'llama', model=None) -> tuple:
     return True, f'{note}: fused RMSNorm, RoPE, SwiGLU and linear cross-entropy for {model_type}'
 
 # %% ../nbs/15_speed.ipynb #f39727f5
-from bitsandbytes.functional import dequantize_4bit
-
 class LoRA4bit(torch.autograd.Function):
     "`x W^T (+ bias) + scaling * (x_lora A^T) B^T` with `W` in 4 bits: one function forward, one backward, no dequantized `W` kept."
     @staticmethod
     def forward(ctx, x, x_lora, A, B, weight, quant_state, bias, scaling):
-        import bitsandbytes as bnb
         same = x_lora is None                      # no dropout: the adapter reads the layer's own input
         x_lora = x if same else x_lora
         a, b = A.to(x.dtype), B.to(x.dtype)

@@ -34,7 +34,7 @@ class QLoRAConfig:
     # step 4: LoRA
     r: int = 16
     alpha: float = 32
-    dropout: float = 0.05
+    dropout: float = 0.0               # peft's default; 0.05-0.1 regularizes small datasets, at some 10-20% of speed (nbs/15_speed)
     bias: str = 'none'                 # 'none', 'all' or 'lora_only'
     target_modules: str | list = 'all-linear'
     # data
@@ -60,7 +60,7 @@ class QLoRAConfig:
     # the fast path (nbs/15_speed.ipynb)
     fast_lora: bool = True             # one autograd function per 4-bit LoRA layer instead of peft's module chain
     fused_kernels: bool = True         # Liger's fused RMSNorm, RoPE, SwiGLU and cross-entropy, on a GPU with liger-kernel
-    offload_activations: bool = False  # keep checkpointed layer inputs in pinned CPU memory: less GPU memory, some speed
+    offload_activations: bool | str = 'auto'  # checkpointed layer inputs wait in pinned CPU memory; 'auto': when the copies hide behind compute
     auto_micro_batch: bool = False     # on a GPU: the largest micro-batch the memory estimate fits, same effective batch
     oom_backoff: bool = True           # on running out of GPU memory: halve micro_batch, double grad_accum, resume
     checkpoint_mirror: str | None = None  # a second folder (a mounted Google Drive) that gets a verified copy of each checkpoint
@@ -115,7 +115,7 @@ def problems(cfg: QLoRAConfig) -> list:
         p.append(f"r={cfg.r!r} must be a whole number above 0 (8, 16 and 64 are common).")
     p += _positive('alpha', cfg.alpha)
     if not isinstance(cfg.dropout, (int, float)) or not 0 <= cfg.dropout < 1:
-        p.append(f"dropout={cfg.dropout!r} must be at least 0 and below 1 (0.05 is common).")
+        p.append(f"dropout={cfg.dropout!r} must be at least 0 and below 1 (0 is the default; 0.05-0.1 for a small dataset).")
     p += _choice('bias', cfg.bias, BIASES)
     tm = cfg.target_modules
     if not tm or not (isinstance(tm, str) or (isinstance(tm, (list, tuple)) and all(isinstance(t, str) and t for t in tm))):
@@ -137,8 +137,10 @@ def problems(cfg: QLoRAConfig) -> list:
     p += _choice('optimizer', cfg.optimizer, OPTIMIZERS)
     for name in ('logging_steps', 'eval_steps', 'save_steps', 'save_total_limit'): p += _positive(name, getattr(cfg, name), int)
     for name in ('gradient_checkpointing', 'auto_micro_batch', 'oom_backoff', 'packing', 'train_on_prompt', 'double_quant',
-                 'fast_lora', 'fused_kernels', 'offload_activations'):
+                 'fast_lora', 'fused_kernels'):
         if not isinstance(getattr(cfg, name), bool): p.append(f"{name}={getattr(cfg, name)!r} must be True or False.")
+    if not (isinstance(cfg.offload_activations, bool) or cfg.offload_activations == 'auto'):
+        p.append(f"offload_activations={cfg.offload_activations!r} must be True, False or 'auto'.")
     if cfg.checkpoint_mirror is not None and (not isinstance(cfg.checkpoint_mirror, str) or not cfg.checkpoint_mirror.strip()):
         p.append(f"checkpoint_mirror={cfg.checkpoint_mirror!r} must be a folder path (e.g. '/content/drive/MyDrive/qlora_nb') or None.")
     p += _distributed_problems(cfg)

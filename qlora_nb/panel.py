@@ -20,7 +20,7 @@ from .memory import (GiB, GPUS, PART_COLORS, MemoryEstimate, ModelConfigUnavaila
 # %% ../nbs/12_panel.ipynb #b43e48b0
 CHOICES = {'quant_type': QUANT_TYPES, 'compute_dtype': COMPUTE_DTYPES, 'quant_storage': STORAGE_DTYPES, 'bias': BIASES,
            'dataset_format': FORMATS, 'optimizer': OPTIMIZERS, 'lr_scheduler': SCHEDULERS,
-           'distributed': DISTRIBUTED}
+           'distributed': DISTRIBUTED, 'offload_activations': ('auto', True, False)}
 GROUPS = {'Model': ('model', 'revision', 'quant_type', 'double_quant', 'compute_dtype', 'quant_storage'),
           'LoRA': ('r', 'alpha', 'dropout', 'bias', 'target_modules'),
           'Data': ('dataset', 'dataset_format', 'columns', 'train_on_prompt', 'max_length', 'packing', 'eval_fraction'),

@@ -40,12 +40,14 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_effective_batch(tmp_
     assert trainer.args.per_device_train_batch_size == 2 and trainer.args.gradient_accumulation_steps == 8
     # The same examples make each optimizer step, so the adapter matches the run that used 2 x 8 throughout. Only the
     # order of float32 additions differs (8 rows at once vs 4 groups of 2, for steps 1-2), and Adam, which divides by
-    # the gradient's own size, can turn that rounding into a visible fraction of a step on coordinates whose gradient
-    # is near zero. Measured: max |difference| 6.6e-5, about 2% of one step (lr 3e-3). Another effective batch changes
-    # every gradient by its own size and every update by up to a whole step (3e-3): the bound sits at a tenth of that.
+    # the gradient's own size, can turn that rounding into a visible fraction of a step on single coordinates whose
+    # gradient is near zero (the largest one moved 6.6e-5, then 3.3e-4 once LoRA4bit summed in another order: chance).
+    # So the adapter is compared as a whole: B starts at zero and holds all that training wrote; its relative L2
+    # difference measured 1e-5 here, and 0.62 against a run whose effective batch is 2 x 4 instead of 2 x 8.
     a, b = lora_state(whole.model), lora_state(trainer.model)
-    worst = max((a[k] - b[k]).abs().max().item() for k in a)
-    assert worst < 3e-4, worst
+    keys = [k for k in a if 'lora_B' in k]
+    diff = torch.cat([(a[k] - b[k]).flatten() for k in keys]).norm() / torch.cat([a[k].flatten() for k in keys]).norm()
+    assert diff < 1e-3, diff
     manifest = json.loads((tmp_path/'oom'/'checkpoint-6'/MANIFEST).read_text())
     assert manifest['batch'] == {'micro_batch': 2, 'grad_accum': 8}
     assert all(verify_checkpoint(c) is None for c in checkpoints(tmp_path/'oom'))

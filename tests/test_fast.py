@@ -9,7 +9,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from qlora_nb.config import QLoRAConfig, ConfigError, get_config, validate
 from qlora_nb.loading import load_model, load_tokenizer, tiny_tokenizer
 from qlora_nb.peft_model import create_peft_model
-from qlora_nb.speed import use_fast_lora, speed_up
+from qlora_nb.speed import use_fast_lora, speed_up, sibling_groups, offload_wanted
 from qlora_nb.training import train, NonFiniteError, checkpoints
 
 IDS = torch.randint(4, 250, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -53,6 +53,31 @@ def test_lora4bit_gives_peft_losses_and_gradients_with_biases(tiny_qwen, dropout
     for name in g_peft:
         assert (g_peft[name] - g_fast[name]).abs().max() <= 1e-4 * g_peft[name].abs().max(), name   # float32 rounding of another summation order
 
+def test_siblings_share_a_call_only_for_the_same_input(tiny_qwen):
+    "q computes k and v with it; k called with another tensor computes itself, and a forgotten result is not reused."
+    model = peft_model(QLoRAConfig(model=str(tiny_qwen), fast_lora=True, fused_kernels=False))
+    attn = model.base_model.model.model.layers[0].self_attn
+    assert sibling_groups(model) == 2 * 2                      # q,k,v and gate,up in each of 2 blocks
+    x, other = torch.randn(2, 5, 64), torch.randn(2, 5, 64)
+    with torch.no_grad():
+        q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        use_fast_lora(model, False)
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in [(q, attn.q_proj(x)), (k, attn.k_proj(x)), (v, attn.v_proj(x))])
+        k_other = attn.k_proj(other)
+        use_fast_lora(model)
+        attn.q_proj(x)                                          # leaves k's and v's results for x
+        assert torch.allclose(attn.k_proj(other), k_other, atol=1e-5)   # another input: computed afresh
+        assert '_lora4bit_pending' not in attn.k_proj.__dict__  # and the stale result dropped
+        assert torch.allclose(attn.v_proj(x), v, atol=1e-5)
+
+def test_trained_bias_goes_to_peft(tiny_qwen):
+    "A bias that trains needs peft's forward, which gives it a gradient; LoRA4bit would leave it out."
+    model = peft_model(QLoRAConfig(model=str(tiny_qwen), fast_lora=True, fused_kernels=False))
+    bias = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.bias
+    bias.requires_grad_(True)
+    model(input_ids=IDS, labels=IDS).loss.backward()
+    assert bias.grad is not None and bias.grad.abs().sum() > 0
+
 def test_cases_lora4bit_does_not_cover_go_to_peft():
     model = peft_model(QLoRAConfig(dropout=0.0, fast_lora=True, fused_kernels=False))
     model.eval()
@@ -69,10 +94,24 @@ def test_speed_up_says_what_it_switched_on_and_why_not():
     model = peft_model(QLoRAConfig(fast_lora=False, fused_kernels=False))
     notes = speed_up(model, QLoRAConfig(), verbose=False)
     assert notes[0].startswith('fused kernels: off (no CUDA GPU') if not torch.cuda.is_available() else notes[0].startswith('fused kernels:')
-    assert notes[1] == 'fast LoRA: on, 28 4-bit LoRA layers through LoRA4bit' and notes[2] == 'activation offload: off'
+    assert notes[1] == 'fast LoRA: on, 28 4-bit LoRA layers through LoRA4bit, 8 groups of siblings computed together'
+    assert notes[2] == ('activation offload: off (auto: no CUDA GPU, nothing to move; decided again when training starts)'
+                        if not torch.cuda.is_available() else notes[2])
+    assert speed_up(model, QLoRAConfig(dropout=0.1), verbose=False)[1].endswith('together when dropout is 0')
     assert 'under FSDP' in speed_up(model, QLoRAConfig(distributed='fsdp', quant_storage='bfloat16', num_processes=2), verbose=False)[1]
     assert speed_up(model, QLoRAConfig(fast_lora=False, fused_kernels=False), verbose=False)[:2] == [
         'fused kernels: off (fused_kernels=False)', "fast LoRA: off (fast_lora=False): peft's forward"]
+
+def test_auto_offload_follows_the_tokens_of_a_micro_batch():
+    "'auto' offloads on a GPU from 8,192 tokens per micro-batch (rows as long as the data's longest), with checkpointing; True and False are obeyed."
+    on_gpu = lambda **kw: offload_wanted(QLoRAConfig(max_length=2048, **kw), cuda=True)
+    assert [on_gpu(micro_batch=b)[0] for b in (1, 2, 4, 8)] == [False, False, True, True]
+    assert on_gpu(micro_batch=8)[1] == 'auto: 16,384 tokens per micro-batch: the copies hide behind the computation'
+    assert not offload_wanted(QLoRAConfig(micro_batch=8, max_length=2048), longest=300, cuda=True)[0]
+    assert not on_gpu(micro_batch=8, gradient_checkpointing=False)[0]
+    assert offload_wanted(QLoRAConfig(micro_batch=8, max_length=2048), cuda=False) == (False, 'auto: no CUDA GPU, nothing to move')
+    assert offload_wanted(QLoRAConfig(offload_activations=True), cuda=False)[0] and not offload_wanted(QLoRAConfig(offload_activations=False), cuda=True)[0]
+    with pytest.raises(ConfigError, match="offload_activations='yes' must be True, False or 'auto'"): validate(QLoRAConfig(offload_activations='yes'))
 
 @pytest.mark.parametrize('field', ['fast_lora', 'fused_kernels', 'offload_activations'])
 def test_switches_must_be_true_or_false(field):

@@ -13,7 +13,7 @@ Recipes:
   plain    the usual recipe, written out here: BitsAndBytesConfig, from_pretrained, peft's
            prepare_model_for_kbit_training (which upcasts), get_peft_model, the HF Trainer; same compute dtype,
            optimizer, data and seed as the project recipe
-Both: r=16, alpha=32, dropout 0.05 (--dropout), all linear layers, gradient checkpointing, learning rate 2e-4 constant.
+Both: r=16, alpha=32, dropout 0 (--dropout; the package's default, 0.05 in the usual recipe), all linear layers, gradient checkpointing, learning rate 2e-4 constant.
 With --compare both run in this process on the same examples in the same order, each setting starting from the
 same LoRA initialization, and a line `PARITY {json}` per setting gives the largest relative per-step loss difference.
 
@@ -58,7 +58,7 @@ def parse_args(argv=None):
     p.add_argument('--fused', choices=['on', 'off'], default='on', help="project recipe: Liger's fused kernels (on a GPU with liger-kernel)")
     p.add_argument('--offload', nargs='*', choices=['off', 'on'], default=['off'],
                    help="project recipe: activation offload; '--offload off on' runs both")
-    p.add_argument('--dropout', type=float, default=0.05, help='LoRA dropout')
+    p.add_argument('--dropout', type=float, default=0.0, help="LoRA dropout (the package's default is 0; the usual recipe's 0.05)")
     p.add_argument('--r', type=int, default=16, help='LoRA rank; alpha is 2r')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--store', default='/tmp/models', help='where the random-weight models are saved')
@@ -219,7 +219,7 @@ def parity(plain: dict, project: dict, dtype: str) -> dict:
     "The largest relative difference between two runs' per-step losses, against the tolerance for `dtype`."
     diffs = [abs(p - q) / max(abs(p), 1e-12) for p, q in zip(plain['losses'], project['losses'])]
     worst = max(diffs) if diffs and len(plain['losses']) == len(project['losses']) else math.inf
-    return dict(shape=plain['shape'], lengths=plain['lengths'], bsz=plain['bsz'], packing=plain['packing'], dtype=dtype,
+    return dict(shape=plain['shape'], lengths=plain['lengths'], bsz=plain['bsz'], packing=plain['packing'], dtype=dtype, dropout=plain['dropout'],
                 steps=len(diffs), max_rel_diff=worst, tolerance=TOLERANCE[dtype], ok=worst <= TOLERANCE[dtype])
 
 
@@ -294,11 +294,13 @@ def read_results(paths: list) -> list:
     return rows
 
 def table(paths: list) -> str:
-    "A markdown table of the RESULT lines in `paths`, with ratios against the plain recipe and Unsloth measured in the same run."
+    "A markdown table of the RESULT lines in `paths`, with ratios against the plain recipe (dropout 0.05 when it ran) and Unsloth measured in the same run."
     rows = read_results(paths)
     results = [r for r in rows if r['kind'] == 'RESULT' and r.get('status', 'ok') == 'ok']
     def key(r): return r['shape'], r['bsz'], r['lengths'], r['seq']
-    plain = {key(r): r for r in results if r['recipe'] == 'plain' and not r['packing'] and r['dropout'] == 0.05}   # the padded plain recipe as usually written
+    padded_plain = [r for r in results if r['recipe'] == 'plain' and not r['packing']]
+    usual = {key(r): r for r in padded_plain if r['dropout'] == 0.05}          # the plain recipe as usually written
+    same_dropout = {(*key(r), r['dropout']): r for r in padded_plain}          # else: the plain recipe at the row's dropout
     unsloth = {key(r): r for r in results if r['recipe'] == 'unsloth'}
     lines = ['| shape | bsz | lengths | recipe | useful tok/s | s/step | peak alloc GiB | x plain | x Unsloth | memory x Unsloth |',
              '|---|---|---|---|---|---|---|---|---|---|']
@@ -306,7 +308,7 @@ def table(paths: list) -> str:
         what = (r['recipe'] + (' (no LoRA4bit)' if r['recipe'] == 'project' and not r.get('fast_lora') else '')
                 + (' + Liger' if r.get('fused') else '') + (' + offload' if r.get('offload') else '')
                 + (' + packing' if r['packing'] else '') + f", dropout {r['dropout']:g}")
-        base, peer = plain.get(key(r)), unsloth.get(key(r))
+        base, peer = usual.get(key(r)) or same_dropout.get((*key(r), r['dropout'])), unsloth.get(key(r))
         peak = f"{r['peak_alloc_gib']:.2f}" if r.get('peak_alloc_gib') is not None else '-'
         vs_plain = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}" if base else '-'
         vs_unsloth = f"{r['tokens_per_s'] / peer['tokens_per_s']:.2f}" if peer else '-'
@@ -314,7 +316,7 @@ def table(paths: list) -> str:
         lines.append(f"| {r['shape']} | {r['bsz']} | {r['lengths']} | {what} | {r['tokens_per_s']:,.0f} | {r['s_per_step']:.3f} | "
                      f"{peak} | {vs_plain} | {vs_unsloth} | {mem_unsloth} |")
     for p in (r for r in rows if r['kind'] == 'PARITY'):
-        lines.append(f"\nparity {p['shape']} bsz {p['bsz']} {p['lengths']}{' packed' if p['packing'] else ''}: max relative loss difference {p['max_rel_diff']:.1e} "
+        lines.append(f"\nparity {p['shape']} bsz {p['bsz']} {p['lengths']}{' packed' if p['packing'] else ''}, dropout {p.get('dropout', 0.05):g}: max relative loss difference {p['max_rel_diff']:.1e} "
                      f"over {p['steps']} steps ({p['dtype']}, allowed {p['tolerance']:g}): {'ok' if p['ok'] else 'FAILED'}")
     return '\n'.join(lines)
 

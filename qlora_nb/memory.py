@@ -154,14 +154,15 @@ def _lora_kept(n_adapters: int, width: int, input_bytes: int, c: int, r: int, dr
     else: kept = n_adapters * c * width                  # each: its own autocast copy of a float32 input
     return kept + n_adapters * c * r                     # lora_A's output, kept for lora_B
 
-def layer_activation_bytes(shape: ModelShape, cfg: QLoRAConfig, upcast_embeddings: bool = False) -> int:
+def layer_activation_bytes(shape: ModelShape, cfg: QLoRAConfig, upcast_embeddings: bool = False,
+                           fused_kernels: bool = False) -> int:    # Liger's RMSNorm and SwiGLU (qlora_nb.speed)
     "Bytes per token that one decoder layer keeps for its backward pass (no checkpointing)."
     c, s = _dtype_bytes(cfg, upcast_embeddings)
     d, a, kv, f = shape.hidden, shape.attn_dim, shape.kv_dim, shape.intermediate
     if not cfg.packing and kv < a: kv = a      # padding mask: k and v repeated to every head
-    norms = 2 * 4 * d
+    norms = s * d + 8 if fused_kernels else 2 * 4 * d     # fused: the second norm's input (the first's is the layer's) and 1/rms
     attention = c * (2 * a + 2 * kv) + 4 * shape.heads   # q, k, v, output and the log-sum-exp
-    mlp = 3 * s * f
+    mlp = (2 if fused_kernels else 3) * s * f            # fused: gate and up; the product is recomputed
     targets = lora_targets(shape, cfg.target_modules)
     groups = [(('q_proj', 'k_proj', 'v_proj'), d, s), (('o_proj',), a, c), (('gate_proj', 'up_proj'), d, s), (('down_proj',), f, s)]
     lora = sum(_lora_kept(sum(t in targets for t in names), width, inb, c, cfg.r, cfg.dropout) for names, width, inb in groups)
@@ -242,6 +243,8 @@ def estimate_memory(model_config=None,            # transformers config, folder,
                     cfg: QLoRAConfig | None = None,  # the run's settings; None: `QLoRAConfig()`
                     upcast_embeddings: bool = False, # float32 embeddings, norms and lm_head, as peft's prepare_model_for_kbit_training
                     cuda_context: int = CUDA_CONTEXT,
+                    fused_kernels: bool = False,     # Liger's kernels run (qlora_nb.speed): no logits, leaner norms and SwiGLU
+                    offload: bool = False,           # checkpointed layer inputs wait in CPU memory (OffloadActivations)
                    ) -> MemoryEstimate:
     "Predict the peak GPU memory of QLoRA training, from the model's config and the run's settings alone."
     cfg = cfg or QLoRAConfig()
@@ -250,13 +253,15 @@ def estimate_memory(model_config=None,            # transformers config, folder,
     tokens = cfg.micro_batch * cfg.max_length
     four_bit, other = weight_bytes(shape, cfg, upcast_embeddings)
     n_lora = lora_params(shape, cfg)
-    layer = layer_activation_bytes(shape, cfg, upcast_embeddings) * tokens
+    layer = layer_activation_bytes(shape, cfg, upcast_embeddings, fused_kernels) * tokens
     kept_per_layer = checkpoint_bytes(shape, cfg, upcast_embeddings) * tokens if cfg.gradient_checkpointing else layer
     if c < 4 and not cfg.gradient_checkpointing: kept_per_layer += c * n_lora // shape.layers  # autocast copies of the adapters
     mask = 0 if cfg.packing else cfg.micro_batch * cfg.max_length ** 2   # boolean padding mask
-    kept = shape.layers * kept_per_layer + mask
+    on_gpu = min(2, shape.layers) if offload and cfg.gradient_checkpointing else shape.layers   # offload: the inputs in flight
+    kept = on_gpu * kept_per_layer + mask
     head_copy = c * shape.vocab * shape.hidden if upcast_embeddings and c < 4 else 0  # autocast copy of a float32 lm_head
-    at_loss = dict(activations=kept + 4 * shape.hidden * tokens, logits=loss_bytes(shape) * tokens, temporaries=head_copy)
+    logits = 2 * c * shape.hidden if fused_kernels else loss_bytes(shape)   # fused: a chunk of logits about the hidden states' size, and their gradient
+    at_loss = dict(activations=kept + 4 * shape.hidden * tokens, logits=logits * tokens, temporaries=head_copy)
     work_per_token, dequantized = backward_work_bytes(shape, cfg, upcast_embeddings)
     at_layer = dict(activations=kept + (layer if cfg.gradient_checkpointing else 0), logits=0,
                     temporaries=work_per_token * tokens + dequantized)
@@ -280,7 +285,8 @@ def check_against_measured(rows: list | None = None) -> list:
     "Each measured run beside its estimate: dicts with the measured and predicted peak (GiB) and the error."
     out = []
     for row in rows or measured_peaks():
-        e = estimate_memory(llama_config(row['shape']), reference_config(row), upcast_embeddings=row['upcast_embeddings'])
+        e = estimate_memory(llama_config(row['shape']), reference_config(row), upcast_embeddings=row['upcast_embeddings'],
+                            fused_kernels=row.get('fused_kernels', False), offload=row.get('offload', False))
         out.append({**row, 'predicted_peak_gib': e.peak / GiB, 'error': e.peak / GiB / row['measured_peak_gib'] - 1, 'phase': e.phase})
     return out
 
@@ -392,11 +398,15 @@ def divisors(n: int) -> list:
     return [d for d in range(n, 0, -1) if n % d == 0]
 
 def fit_micro_batch(model_config, cfg: QLoRAConfig, gpu, upcast_embeddings: bool = False,
-                    longest: int | None = None) -> QLoRAConfig:   # the data's longest row, when shorter than max_length
+                    longest: int | None = None,      # the data's longest row, when shorter than max_length
+                    fused_kernels: bool = False) -> QLoRAConfig:   # Liger's kernels will run (qlora_nb.speed.fused_kernels_apply)
     "`cfg` split into the largest micro-batch that fits `gpu`, with `grad_accum` making up the same effective batch (1 if none fits)."
+    from qlora_nb.speed import offload_wanted     # here: qlora_nb.speed imports this module
     shape = model_shape(model_config)
     rows = min(cfg.max_length, longest) if longest else cfg.max_length
     for mb in divisors(cfg.effective_batch):
         split = replace(cfg, micro_batch=mb, grad_accum=cfg.effective_batch // mb)
-        if fits(estimate_memory(shape, replace(split, max_length=rows), upcast_embeddings), gpu): return split
+        offload = offload_wanted(split, longest, cuda=True)[0]    # 'auto' offloads the larger micro-batches
+        e = estimate_memory(shape, replace(split, max_length=rows), upcast_embeddings, fused_kernels=fused_kernels, offload=offload)
+        if fits(e, gpu): return split
     return replace(cfg, micro_batch=1, grad_accum=cfg.effective_batch)

@@ -5,7 +5,8 @@
 # %% auto #0
 __all__ = ['SIBLINGS', 'OFFLOAD_MIN_TOKENS', 'LIGER_MODEL_TYPES', 'step_costs', 'instruction_lengths', 'random_examples',
            'useful_tokens', 'TokenCounter', 'StepClock', 'liger_status', 'apply_liger', 'dequantize_weight', 'LoRA4bit',
-           'fast_lora_forward', 'use_fast_lora', 'sibling_groups', 'OffloadActivations', 'offload_wanted', 'speed_up']
+           'fast_lora_forward', 'use_fast_lora', 'sibling_groups', 'OffloadActivations', 'offload_wanted',
+           'fused_kernels_apply', 'speed_up']
 
 # %% ../nbs/15_speed.ipynb #28738582
 import contextlib, math, random, time, types
@@ -314,20 +315,24 @@ def offload_wanted(cfg, longest: int | None = None, cuda: bool | None = None) ->
 # %% ../nbs/15_speed.ipynb #592231cb
 LIGER_MODEL_TYPES = ('llama', 'mistral', 'qwen2', 'qwen3', 'phi3')   # those whose Liger patch takes these same switches
 
+def fused_kernels_apply(cfg, model_type: str) -> tuple:
+    "(True, what runs) when `cfg` asks for Liger's fused kernels and they can run here on a `model_type` model; else (False, why not)."
+    if not cfg.fused_kernels: return False, 'fused_kernels=False'
+    if model_type not in LIGER_MODEL_TYPES: return False, f'no Liger kernels wired for model type {model_type!r}'
+    cap = compute_capability()
+    if cap is not None and cap < (8, 0):
+        return False, (f'compute capability {cap[0]}.{cap[1]}: Liger has been measured here on 8.0 and newer only; '
+                       f'call apply_liger({model_type!r}, model=...) to try it')
+    return liger_status()
+
 def speed_up(model, cfg, verbose: bool = True) -> list:
     "Switch on the fast path `cfg` asks for on the PEFT `model`: Liger's fused kernels and `LoRA4bit`; one line per choice."
     notes = []
-    if cfg.fused_kernels:
-        base = model.get_base_model() if hasattr(model, 'get_base_model') else model
-        kind = base.config.model_type
-        cap = compute_capability()
-        if kind not in LIGER_MODEL_TYPES: applied, why = False, f'no Liger kernels wired for model type {kind!r}'
-        elif cap is not None and cap < (8, 0):
-            applied, why = False, (f'compute capability {cap[0]}.{cap[1]}: Liger has been measured here on 8.0 and newer only; '
-                                   f'call apply_liger({kind!r}, model=...) to try it')
-        else: applied, why = apply_liger(kind, model=base)
-        notes.append(f"fused kernels: {'on' if applied else 'off'} ({why})")
-    else: notes.append('fused kernels: off (fused_kernels=False)')
+    base = model.get_base_model() if hasattr(model, 'get_base_model') else model
+    kind = base.config.model_type
+    applied, why = fused_kernels_apply(cfg, kind)
+    if applied: applied, why = apply_liger(kind, model=base)
+    notes.append(f"fused kernels: {'on' if applied else 'off'} ({why})")
     if cfg.fast_lora and cfg.distributed == 'fsdp':   # FSDP frees gathered weights between passes; LoRA4bit's backward reads them
         notes.append("fast LoRA: off under FSDP (not measured there): peft's forward")
     elif cfg.fast_lora:

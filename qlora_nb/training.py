@@ -421,7 +421,10 @@ def auto_split(cfg: QLoRAConfig, longest: int | None = None, verbose: bool = Tru
     if not (cfg.auto_micro_batch and has_cuda()): return cfg
     from qlora_nb.memory import fit_micro_batch
     from qlora_nb.loading import load_model_config
-    split = fit_micro_batch(load_model_config(cfg), cfg, gpu_memory_bytes(), longest=longest)
+    from qlora_nb.speed import fused_kernels_apply
+    config = load_model_config(cfg)
+    fused = fused_kernels_apply(cfg, getattr(config, 'model_type', ''))[0]    # Liger's loss keeps no logits: larger splits fit
+    split = fit_micro_batch(config, cfg, gpu_memory_bytes(), longest=longest, fused_kernels=fused)
     if verbose: print(f"auto_micro_batch: micro_batch={split.micro_batch} x grad_accum={split.grad_accum} fits "
                       f"{gpu_memory_bytes() / 2**30:.1f} GiB by the estimate, for rows of up to {min(cfg.max_length, longest or cfg.max_length)} "
                       f"tokens (effective batch {split.effective_batch}).")

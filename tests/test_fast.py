@@ -1,6 +1,8 @@
-"""The fast path on the CPU: LoRA4bit gives peft's losses and gradients (also with the q, k, v biases of Qwen2), hands
-every case it does not cover back to peft, says what it switched on and why not, and changes nothing that training
-computes: activation offload gives the same adapter, and a NaN in any micro-batch still stops before the optimizer step."""
+"""The fast path on the CPU: LoRA4bit gives peft's losses and gradients (also with the q, k, v biases of Qwen2, and
+with siblings in one call), keeps float16 sums within float16 rounding, shares a call only for the same input tensor,
+hands every case it does not cover back to peft, says what it switched on and why not, decides 'auto' offload from the
+tokens of a micro-batch, and changes nothing that training computes: activation offload gives the same adapter, and a
+NaN in any micro-batch still stops before the optimizer step."""
 from dataclasses import replace
 import pytest, torch
 from safetensors.torch import load_file
@@ -141,3 +143,27 @@ def test_nan_in_a_middle_micro_batch_stops_before_that_optimizer_step(tmp_path):
     saved = load_file(tmp_path/'checkpoint-2'/'adapter_model.safetensors')
     now = {n.replace('.default', ''): p for n, p in model.named_parameters() if p.requires_grad}
     assert saved.keys() == now.keys() and all(torch.equal(saved[n], now[n].to(saved[n].dtype)) for n in saved)   # step 3 never stepped
+
+def test_a_group_of_three_in_float16_matches_float32_arithmetic():
+    "q, k, v as one LoRA4bit call in float16 (a T4's compute dtype), with biases: outputs and every gradient within float16 rounding of the same sums in float32, and float32 gradients for the float32 adapters."
+    from bitsandbytes.functional import quantize_4bit, dequantize_4bit
+    from qlora_nb.speed import LoRA4bit
+    torch.manual_seed(0)
+    d, widths, r, scaling = 64, (64, 32, 32), 4, 2.0
+    packed = [quantize_4bit((torch.randn(o, d) / d**0.5).half(), quant_type='nf4', compress_statistics=True) for o in widths]
+    biases = [torch.randn(o) for o in widths]
+    As = [(0.1 * torch.randn(r, d)).requires_grad_() for _ in widths]
+    Bs = [(0.1 * torch.randn(o, r)).requires_grad_() for o in widths]
+    x = torch.randn(2, 5, d)
+    x32, x16 = x.clone().requires_grad_(), x.half().requires_grad_()
+    expected = [x32 @ dequantize_4bit(w, s).float().t() + b + scaling * (x32 @ A.t()) @ B.t()
+                for (w, s), b, A, B in zip(packed, biases, As, Bs)]
+    got = LoRA4bit.apply(x16, None, [(w, s, b.half()) for (w, s), b in zip(packed, biases)], [scaling] * 3,
+                         *[t for A, B in zip(As, Bs) for t in (A, B)])
+    assert [t.dtype for t in got] == [torch.float16] * 3
+    upstream = [torch.randn_like(t) for t in expected]
+    g32 = torch.autograd.grad(expected, [x32, *As, *Bs], upstream)
+    g16 = torch.autograd.grad(got, [x16, *As, *Bs], [u.half() for u in upstream])
+    assert all(g.dtype == torch.float32 for g in g16[1:])
+    for a, b in [*zip(expected, got), *zip(g32, g16)]:
+        assert (a - b.float()).abs().max() <= 3e-3 * a.abs().max()     # float16 keeps 11 significant bits: 4.9e-4 per rounding

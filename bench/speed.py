@@ -247,7 +247,7 @@ def out_of_memory(recipe, s: dict, a, error) -> dict:
 def run(a) -> list:
     "Every recipe over every setting; RESULT and PARITY lines printed (and appended to --out) as they come."
     import torch
-    from make_model import make_model, model_type, SHAPES
+    from make_model import make_model, SHAPES
     from qlora_nb.core import choose_precision
     path = make_model(a.shape, Path(a.store)/a.shape)
     vocab = SHAPES[a.shape]['vocab_size']

@@ -70,7 +70,8 @@ def trainable_grad_norm(model) -> float:
 
 class QLoRATrainer(Trainer):
     "A `Trainer` that checks every micro-batch's raw loss before the optimizer step, records them, and can offload activations."
-    offload = None    # a `qlora_nb.speed.OffloadActivations` when `qlora_nb.speed.offload_wanted` says so (set by make_trainer)
+    offload = None        # a `qlora_nb.speed.OffloadActivations` when `qlora_nb.speed.offload_wanted` says so (set by make_trainer)
+    _flop_params = None   # the model's parameter count for the FLOP estimate, taken on first use
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         with self.offload or contextlib.nullcontext():
@@ -91,17 +92,16 @@ class QLoRATrainer(Trainer):
     def floating_point_ops(self, inputs) -> int:
         "The Trainer's FLOP count for a batch (6 x tokens x parameters), with the parameters counted once: the stock method walks every module at every step."
         if not hasattr(self.model, 'floating_point_ops'): return 0
-        if getattr(self, '_flop_params', None) is None: self._flop_params = self.model.num_parameters(exclude_embeddings=True)
+        if self._flop_params is None: self._flop_params = self.model.num_parameters(exclude_embeddings=True)
         return 6 * self.model.estimate_tokens(inputs) * self._flop_params
 
 class NanWatch(TrainerCallback):
     "Raise `NonFiniteError` on a non-finite gradient norm, before the optimizer step."
     def __init__(self, check_grads: bool = True): self.check_grads, self.params = check_grads, None
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self.params = [p for p in model.parameters() if p.requires_grad] if model is not None else None   # listed once
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         if not self.check_grads or model is None: return
-        norm = grad_norm(self.params) if self.params is not None else trainable_grad_norm(model)
+        if self.params is None: self.params = [p for p in model.parameters() if p.requires_grad]   # listed once, not every step
+        norm = grad_norm(self.params)
         if not math.isfinite(norm):
             raise NonFiniteError(f"Gradient norm is {norm} at step {state.global_step + 1}: training stopped before the "
                                  "optimizer step; the last checkpoint is intact.")

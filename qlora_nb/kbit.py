@@ -12,9 +12,9 @@ from torch import nn
 from .config import QLoRAConfig
 
 # %% ../nbs/04_kbit.ipynb #3bc46cf9
-def enable_checkpointing(model: nn.Module):
-    "Non-reentrant activation checkpointing, by its new name in transformers 5.2x and its old one before."
-    kwargs = {'use_reentrant': False}
+def enable_checkpointing(model: nn.Module, reentrant: bool = False):
+    "Activation checkpointing, reentrant or not, by its new name in transformers 5.2x and its old one before."
+    kwargs = {'use_reentrant': reentrant}
     if hasattr(model, 'activation_checkpointing_enable'): model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else: model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
@@ -28,7 +28,7 @@ def prepare_for_kbit_training(model: nn.Module, cfg: QLoRAConfig) -> nn.Module:
     for p in model.parameters(): p.requires_grad_(False)
     model.config.use_cache = False
     model.enable_input_require_grads()
-    if cfg.gradient_checkpointing: enable_checkpointing(model)
+    if cfg.gradient_checkpointing: enable_checkpointing(model)   # non-reentrant (point 4)
     model.is_qlora_prepared = True
     return model
 

@@ -73,9 +73,12 @@ class QLoRATrainer(Trainer):
     offload = None        # a `qlora_nb.speed.OffloadActivations` when `qlora_nb.speed.offload_wanted` says so (set by make_trainer)
     _flop_params = None   # the model's parameter count for the FLOP estimate, taken on first use
 
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        with self.offload or contextlib.nullcontext():    # the forward pass only: a reentrant recompute saves on the GPU
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
     def training_step(self, model, inputs, num_items_in_batch=None):
-        with self.offload or contextlib.nullcontext():
-            loss = super().training_step(model, inputs, num_items_in_batch)
+        loss = super().training_step(model, inputs, num_items_in_batch)
         self._micro_losses = getattr(self, '_micro_losses', []) + [loss.detach()]
         if self.accelerator.sync_gradients: self.check_losses()    # the step's last micro-batch
         return loss

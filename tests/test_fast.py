@@ -1,8 +1,9 @@
 """The fast path on the CPU: LoRA4bit gives peft's losses and gradients (also with the q, k, v biases of Qwen2, and
 with siblings in one call), keeps float16 sums within float16 rounding, shares a call only for the same input tensor,
 hands every case it does not cover back to peft, says what it switched on and why not, decides 'auto' offload from the
-tokens of a micro-batch, and changes nothing that training computes: activation offload gives the same adapter, and a
-NaN in any micro-batch still stops before the optimizer step."""
+tokens of a micro-batch, and changes nothing that training computes: activation offload gives the same adapter and
+wraps the forward pass alone, both forms of checkpointing give the same gradients, and a NaN in any micro-batch still
+stops before the optimizer step."""
 from dataclasses import replace
 import pytest, torch
 from safetensors.torch import load_file
@@ -167,3 +168,43 @@ def test_a_group_of_three_in_float16_matches_float32_arithmetic():
     assert all(g.dtype == torch.float32 for g in g16[1:])
     for a, b in [*zip(expected, got), *zip(g32, g16)]:
         assert (a - b.float()).abs().max() <= 3e-3 * a.abs().max()     # float16 keeps 11 significant bits: 4.9e-4 per rounding
+
+def mlp_grad_modes(model, ids) -> list:
+    "torch.is_grad_enabled() at each run of layer 0's MLP (inside the checkpointed part of the layer) over one forward and backward pass."
+    modes = []
+    hook = model.get_base_model().model.layers[0].mlp.register_forward_pre_hook(lambda m, a: modes.append(torch.is_grad_enabled()))
+    model.train(); model.zero_grad()
+    model(input_ids=ids, labels=ids).loss.backward()
+    hook.remove()
+    return modes
+
+def test_checkpointing_is_non_reentrant_and_the_reentrant_form_gives_the_same_gradients():
+    from qlora_nb.kbit import enable_checkpointing
+    cfg = get_config('tiny', gradient_checkpointing=True)
+    default, reentrant = peft_model(cfg), peft_model(cfg)
+    enable_checkpointing(reentrant.get_base_model(), reentrant=True)      # the benchmark's --checkpointing reentrant
+    assert mlp_grad_modes(default, IDS) == [True, True]      # the MLP runs twice, the first time building the graph
+    assert mlp_grad_modes(reentrant, IDS) == [False, True]   # reentrant: the first pass without autograd
+    grads = [{n: p.grad for n, p in m.named_parameters() if p.requires_grad} for m in (default, reentrant)]
+    assert grads[0].keys() == grads[1].keys() and all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
+
+def test_offload_wraps_the_forward_pass_alone(tmp_path):
+    "Recomputation runs in the backward pass: a reentrant one inside the offload context would send every tensor it saves across the bus."
+    from qlora_nb.data import build_datasets
+    from qlora_nb.kbit import enable_checkpointing
+    from qlora_nb.speed import OffloadActivations
+    from qlora_nb.training import make_trainer
+    cfg = get_config('tiny', micro_batch=4, grad_accum=1, max_steps=1, gradient_checkpointing=True, save_steps=100, eval_steps=100)
+    tokenizer = load_tokenizer(cfg, verbose=False)
+    model = peft_model(cfg)
+    enable_checkpointing(model.get_base_model(), reentrant=True)   # the form whose recompute would be caught
+    trainer = make_trainer(model, tokenizer, cfg, build_datasets(cfg, tokenizer), str(tmp_path))
+    batches, collate = [], trainer.data_collator
+    trainer.data_collator = lambda rows: batches.append(collate(rows)) or batches[-1]   # keep the step's batch
+    trainer.offload = OffloadActivations(model, min_bytes=1)        # every saved tensor counts, even the tiny model's
+    trainer.train()
+    forward_only = OffloadActivations(model, min_bytes=1)
+    model.train()                                                  # checkpointing runs in training mode only
+    with forward_only: model(**{k: v.to(model.device) for k, v in batches[0].items()})
+    extra = trainer.offload.saved - forward_only.saved   # the first batch is the one step's; evaluation saves nothing
+    assert forward_only.saved > 0 and 0 <= extra < 64   # the Trainer's loss scaling saves a scalar; a recompute would add megabytes

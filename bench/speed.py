@@ -9,7 +9,7 @@ Recipes:
   project  qlora_nb's own path: load_tokenizer, load_model, create_peft_model, make_trainer (no float32 upcast of
            embeddings and lm_head; the package's precision and optimizer: bf16 and paged 8-bit AdamW on a recent
            GPU, float32 and AdamW on the CPU) with its fast path as configured: LoRA4bit (--fast-lora), Liger's
-           fused kernels on a GPU (--fused), activation offload (--offload)
+           fused kernels on a GPU (--fused), activation offload (--offload), the form of checkpointing (--checkpointing)
   plain    the usual recipe, written out here: BitsAndBytesConfig, from_pretrained, peft's
            prepare_model_for_kbit_training (which upcasts), get_peft_model, the HF Trainer; same compute dtype,
            optimizer, data and seed as the project recipe
@@ -26,7 +26,7 @@ Lengths: 'fixed' rows of --seq tokens; 'instruction' lengths drawn like an instr
     python bench/speed.py --shape tiny --seq 256 --steps 3 --compare          # CPU, seconds
     python bench/speed.py --table speed.jsonl unsloth.log                      # markdown table with ratios
 """
-import argparse, gc, json, math, os, resource, sys, time
+import argparse, gc, json, math, os, resource, statistics, sys, tempfile, time
 from dataclasses import replace
 from pathlib import Path
 
@@ -58,6 +58,8 @@ def parse_args(argv=None):
     p.add_argument('--fused', choices=['on', 'off'], default='on', help="project recipe: Liger's fused kernels (on a GPU with liger-kernel)")
     p.add_argument('--offload', nargs='*', choices=['off', 'on'], default=['off'],
                    help="project recipe: activation offload; '--offload off on' runs both")
+    p.add_argument('--checkpointing', choices=['reentrant', 'non-reentrant'],
+                   help="project recipe: the form of gradient checkpointing (default: the package's, non-reentrant)")
     p.add_argument('--dropout', type=float, default=0.0, help="LoRA dropout (the package's default is 0; the usual recipe's 0.05)")
     p.add_argument('--r', type=int, default=16, help='LoRA rank; alpha is 2r')
     p.add_argument('--seed', type=int, default=0)
@@ -78,6 +80,7 @@ def parse_args(argv=None):
     if a.r < 1: problems.append(f'--r {a.r} must be 1 or more')
     if not 0 <= a.dropout < 1: problems.append(f'--dropout {a.dropout} must be at least 0 and below 1')
     if a.recipe == 'plain' and not a.compare and any(a.offload): problems.append('--offload is a setting of the project recipe')
+    if a.recipe == 'plain' and not a.compare and a.checkpointing: problems.append('--checkpointing is a setting of the project recipe')
     if a.save_adapter and not (a.compare or a.recipe == 'project'): problems.append('--save-adapter saves the project recipe\'s adapter')
     if problems: p.error('; '.join(problems))
     return a
@@ -94,13 +97,17 @@ def examples(lengths_kind: str, n: int, seq: int, median: int, vocab: int, seed:
 
 # ---- the two recipes ----------------------------------------------------------------------------------------------
 
+def scratch(name: str) -> str:
+    "A folder for the Trainer's output, this process's own: two benchmarks at once must not share checkpoints."
+    return str(Path(tempfile.gettempdir())/f'qlora_nb_speed_{os.getpid()}'/name)
+
 def project_config(path: Path, a, bsz: int, steps: int):
     from qlora_nb.config import QLoRAConfig
     return QLoRAConfig(model=str(path), r=a.r, alpha=2 * a.r, dropout=a.dropout, target_modules='all-linear',
                        max_length=a.seq, packing=False, learning_rate=LR, lr_scheduler='constant', warmup_ratio=0.0,
                        max_steps=steps, micro_batch=bsz, grad_accum=1, gradient_checkpointing=True, seed=a.seed,
                        fast_lora=a.fast_lora, fused_kernels=a.fused,
-                       logging_steps=1, eval_steps=10**9, save_steps=10**9, output_dir='/tmp/qlora_nb_speed/project')
+                       logging_steps=1, eval_steps=10**9, save_steps=10**9, output_dir=scratch('project'))
 
 
 class ProjectRecipe:
@@ -117,6 +124,10 @@ class ProjectRecipe:
         set_seed(a.seed)                       # the same LoRA initialization as the plain recipe
         self.model = create_peft_model(base, self.cfg)
         self.notes = self.model.fast_path      # what create_peft_model switched on, for the RESULT lines
+        if a.checkpointing:                    # another form than the package's
+            from qlora_nb.kbit import enable_checkpointing
+            enable_checkpointing(self.model.get_base_model(), reentrant=a.checkpointing == 'reentrant')
+        self.checkpointing = a.checkpointing or 'non-reentrant'
         self.fused = self.notes[0].startswith('fused kernels: on')
 
     def trainer(self, data: list, bsz: int, steps: int, packing: bool, offload: bool = False):
@@ -129,7 +140,7 @@ class ProjectRecipe:
 class PlainRecipe:
     "The usual QLoRA recipe: from_pretrained in 4 bits, prepare_model_for_kbit_training, get_peft_model, Trainer."
     name = 'plain'
-    fused, notes = False, []
+    fused, notes, checkpointing = False, [], "transformers' default"
 
     def __init__(self, path: Path, a):
         from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, set_seed
@@ -153,7 +164,7 @@ class PlainRecipe:
     def trainer(self, data: list, bsz: int, steps: int, packing: bool, offload: bool = False):
         from transformers import Trainer, TrainingArguments, DataCollatorForSeq2Seq, DataCollatorWithFlattening
         a = self.a
-        args = TrainingArguments(output_dir='/tmp/qlora_nb_speed/plain', per_device_train_batch_size=bsz, max_steps=steps,
+        args = TrainingArguments(output_dir=scratch('plain'), per_device_train_batch_size=bsz, max_steps=steps,
                                  learning_rate=LR, lr_scheduler_type='constant', bf16=self.precision.bf16,
                                  fp16=self.precision.fp16, optim='paged_adamw_8bit' if self.cuda else 'adamw_torch',
                                  gradient_checkpointing=True, logging_steps=1, save_strategy='no', report_to=[],
@@ -206,9 +217,10 @@ def measure(recipe, setting: dict, data: list, a) -> dict:
     del trainer
     return dict(status='ok', shape=a.shape, mode=recipe.name, recipe=recipe.name, lengths=setting['lengths'], packing=setting['packing'],
                 fast_lora=recipe.name == 'project' and a.fast_lora, fused=recipe.fused, offload=setting['offload'],
-                fast_path=recipe.notes, dropout=a.dropout, r=a.r, seq=a.seq, bsz=bsz, steps=a.steps,
+                fast_path=recipe.notes, checkpointing=recipe.checkpointing, dropout=a.dropout, r=a.r, seq=a.seq, bsz=bsz, steps=a.steps,
                 warmup=a.warmup, tokens_per_s=round(useful / seconds, 1), fed_tokens_per_s=round(fed / seconds, 1),
-                s_per_step=round(seconds / a.steps, 4), useful_tokens=useful, fed_tokens=fed,
+                s_per_step=round(seconds / a.steps, 4), median_s_per_step=round(statistics.median(clock.step_seconds), 4),
+                step_s=[round(t, 4) for t in clock.step_seconds], useful_tokens=useful, fed_tokens=fed,
                 padding_share=round(1 - useful / fed, 4), load_s=recipe.load_s, loaded_gib=recipe.loaded_gib,
                 peak_alloc_gib=round(torch.cuda.max_memory_allocated() / GiB, 3) if cuda else None,
                 peak_reserved_gib=round(torch.cuda.max_memory_reserved() / GiB, 3) if cuda else None,
@@ -307,6 +319,7 @@ def table(paths: list) -> str:
     for r in sorted(results, key=lambda r: (r['shape'], r['lengths'], r['bsz'])):
         what = (r['recipe'] + (' (no LoRA4bit)' if r['recipe'] == 'project' and not r.get('fast_lora') else '')
                 + (' + Liger' if r.get('fused') else '') + (' + offload' if r.get('offload') else '')
+                + (' + reentrant' if r.get('checkpointing') == 'reentrant' else '')
                 + (' + packing' if r['packing'] else '') + f", dropout {r['dropout']:g}")
         base, peer = usual.get(key(r)) or same_dropout.get((*key(r), r['dropout'])), unsloth.get(key(r))
         peak = f"{r['peak_alloc_gib']:.2f}" if r.get('peak_alloc_gib') is not None else '-'

@@ -71,15 +71,23 @@ def _sync():
     if has_cuda(): torch.cuda.synchronize()
 
 class StepClock(TrainerCallback):
-    "Time the optimizer steps after the first `warmup` ones, and keep every step's loss as the Trainer logs it (logging_steps=1)."
+    "Time the optimizer steps after the first `warmup` ones (in all and one by one), and keep every step's loss as the Trainer logs it (logging_steps=1)."
     def __init__(self, warmup: int):
-        self.warmup, self.start, self.end, self.losses = warmup, None, None, []
+        self.warmup, self.start, self.end, self.losses, self.ends = warmup, None, None, [], []
 
     def on_step_begin(self, args, state, control, **kwargs):
         if state.global_step == self.warmup: _sync(); self.start = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == state.max_steps: _sync(); self.end = time.perf_counter()
+        if self.start is None: return
+        _sync()                       # costs nothing here: logging every step's loss waits for the GPU anyway
+        self.ends.append(time.perf_counter())
+        if state.global_step == state.max_steps: self.end = self.ends[-1]
+
+    @property
+    def step_seconds(self) -> list:
+        "Each timed step's wall time: a slow outlier shows here, where the mean hides it."
+        return [b - a for a, b in zip([self.start] + self.ends[:-1], self.ends)]
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and 'loss' in logs: self.losses.append(float(logs['loss']))
@@ -168,6 +176,7 @@ class LoRA4bit(torch.autograd.Function):
             for (weight, state, _), g_i in zip(ctx.bases, g):     # each weight dequantized again, for this line only
                 w = dequantize_weight(weight, state, g_i.dtype)
                 dx = g_i @ w if dx is None else dx.addmm_(g_i, w)
+                del w                                     # freed before the next is made: one dequantized weight at a time
             if ctx.same: dx.addmm_(gb, a)
             dx = dx.view(*shape, dx.shape[-1])
         if not ctx.same and needs[1]: dx_lora = (gb @ a).view(*shape, a.shape[-1])

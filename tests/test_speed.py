@@ -34,6 +34,8 @@ def test_result_lines_parse_and_are_finite(compared):
                                                               ('project', 'fixed'), ('project', 'instruction')]
     for r in results:
         assert r['tokens_per_s'] > 0 and r['s_per_step'] > 0 and r['steps'] == 1
+        assert len(r['step_s']) == r['steps'] and math.isclose(sum(r['step_s']), r['s_per_step'] * r['steps'], abs_tol=1e-3)
+        assert min(r['step_s']) <= r['median_s_per_step'] <= max(r['step_s'])
         assert len(r['losses']) == 2 and all(math.isfinite(l) for l in r['losses'])
         assert r['first_loss'] == r['losses'][0] and r['last_loss'] == r['losses'][-1]
         for key in ('shape', 'mode', 'seq', 'bsz', 'peak_alloc_gib', 'peak_reserved_gib'): assert key in r
@@ -52,11 +54,13 @@ def test_useful_tokens_leave_out_padding(compared):
     varied = [r for r in results if r['lengths'] == 'instruction']
     assert varied[0]['useful_tokens'] == varied[1]['useful_tokens'] < varied[0]['fed_tokens']
 
-def test_padding_free_and_offload_feed_the_same_useful_tokens_and_fused_kernels_say_why_off(compared, tmp_path):
+def test_padding_free_offload_and_either_checkpointing_feed_the_same_tokens_and_fused_kernels_say_why_off(compared, tmp_path):
     _, results, _ = compared
     padded = next(r for r in results if r['recipe'] == 'project' and r['lengths'] == 'instruction')
-    out, runs, _ = run_speed(*TINY, '--lengths', 'instruction', '--packing', '--offload', 'off', 'on', '--store', str(tmp_path))
+    out, runs, _ = run_speed(*TINY, '--lengths', 'instruction', '--packing', '--offload', 'off', 'on', '--store', str(tmp_path),
+                             '--checkpointing', 'reentrant')
     assert [r['offload'] for r in runs] == [False, True]
+    assert padded['checkpointing'] == 'non-reentrant' and all(r['checkpointing'] == 'reentrant' for r in runs)
     for packed in runs:
         assert packed['packing'] and packed['useful_tokens'] == packed['fed_tokens'] == padded['useful_tokens']
         assert abs(packed['first_loss'] - padded['first_loss']) <= 1e-5 * padded['first_loss']   # same examples, same model

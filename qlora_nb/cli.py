@@ -67,7 +67,9 @@ def run_workflow(cfg: QLoRAConfig, output_dir: str | None = None, resume: bool =
     from qlora_nb.memory import estimate_memory
     import torch
     ran = trainer.qlora_config     # the micro-batch split that ran (auto_micro_batch, or a smaller one after running out of memory)
-    metrics.update(predicted_gpu_peak_gib=round(estimate_memory(model.config, ran).peak / 2**30, 3),
+    fused = any(note.startswith('fused kernels: on') for note in getattr(model, 'fast_path', []))   # what speed_up switched on
+    predicted = estimate_memory(model.config, ran, fused_kernels=fused, offload=trainer.offload is not None)
+    metrics.update(predicted_gpu_peak_gib=round(predicted.peak / 2**30, 3),
                    measured_gpu_peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3) if has_cuda() else None)
     metrics.update(micro_batch=ran.micro_batch, grad_accum=ran.grad_accum, tokens_seen=trainer.state.num_input_tokens_seen,
                    tokens_per_second=round(trainer.state.num_input_tokens_seen / trainer.monitor_train_seconds, 1),

@@ -14,7 +14,7 @@ import ipywidgets as widgets
 
 from .config import (QLoRAConfig, ConfigError, problems, save_config, QUANT_TYPES, COMPUTE_DTYPES,
                              STORAGE_DTYPES, BIASES, FORMATS, OPTIMIZERS, SCHEDULERS, DISTRIBUTED)
-from .memory import (GiB, GPUS, PART_COLORS, MemoryEstimate, ModelConfigUnavailable, estimate_memory, fits,
+from .memory import (GiB, GPUS, GPU_CAPABILITY, PART_COLORS, MemoryEstimate, ModelConfigUnavailable, run_estimate, fits,
                              cheapest_fix, gpu_bytes, model_shape, resolve_model_config)
 
 # %% ../nbs/12_panel.ipynb #b43e48b0
@@ -152,7 +152,13 @@ class HyperparameterPanel:
         if self.problems: self._note = 'The estimate waits for a valid configuration.'; return
         config = self.model_config()
         if isinstance(config, str): self._note = config; return
-        try: self._estimate = estimate_memory(config, self.candidate)
+        from qlora_nb.speed import fused_kernels_apply, offload_wanted
+        cfg, capability = self.candidate, GPU_CAPABILITY.get(self.gpu_widget.value)
+        self._fused, fused_why = fused_kernels_apply(cfg, getattr(config, 'model_type', ''), capability)
+        offload, offload_why = offload_wanted(cfg, cuda=True)
+        self._path_note = (f"fused kernels {'on' if self._fused else 'off'} ({fused_why}); "
+                           f"activation offload {'on' if offload else 'off'} ({offload_why})")
+        try: self._estimate = run_estimate(config, cfg, fused_kernels=self._fused)
         except ValueError as e: self._note = str(e)   # e.g. a target module the model does not have
 
     # --- writing to the form
@@ -203,15 +209,16 @@ class HyperparameterPanel:
         if e is None: return self._note
         if fits(e, gpu): return f"Fits the {gpu}: needs {e.required / GiB:.1f} of its {gpu_bytes(gpu) / GiB:.1f} GiB."
         return (f"Does not fit the {gpu}: needs {e.required / GiB:.1f} of its {gpu_bytes(gpu) / GiB:.1f} GiB. "
-                + cheapest_fix(self.model_config(), self.candidate, gpu))
+                + cheapest_fix(self.model_config(), self.candidate, gpu, fused_kernels=self._fused))
 
     def estimate_report(self, html: bool = False) -> str:
         "The estimate as text (or HTML with a bar against the GPU), with the verdict."
         e = self._estimate
-        if not html: return (e.table() + '\n' if e else '') + self.verdict()
+        if not html: return (e.table() + f"\n  on the {self.gpu_widget.value}: {self._path_note}\n" if e else '') + self.verdict()
         if e is None: return f"<p><b>Memory:</b> {_escape(self._note)}</p>"
         ok = fits(e, self.gpu_widget.value)
-        return (f"<p><b>Memory</b> ({_escape(e.setting)}, peak at {e.phase}):</p>" + _bar_html(e, gpu_bytes(self.gpu_widget.value))
+        return (f"<p><b>Memory</b> ({_escape(e.setting)}, peak at {e.phase}; on the {self.gpu_widget.value}: {_escape(self._path_note)}):</p>"
+                + _bar_html(e, gpu_bytes(self.gpu_widget.value))
                 + f"<p style='color:{'#1b5e20' if ok else '#b00020'}'><b>{'✓' if ok else '✗'}</b> {_escape(self.verdict())}</p>")
 
     def __repr__(self):

@@ -324,11 +324,11 @@ def offload_wanted(cfg, longest: int | None = None, cuda: bool | None = None) ->
 # %% ../nbs/15_speed.ipynb #592231cb
 LIGER_MODEL_TYPES = ('llama', 'mistral', 'qwen2', 'qwen3', 'phi3')   # those whose Liger patch takes these same switches
 
-def fused_kernels_apply(cfg, model_type: str) -> tuple:
-    "(True, what runs) when `cfg` asks for Liger's fused kernels and they can run here on a `model_type` model; else (False, why not)."
+def fused_kernels_apply(cfg, model_type: str, capability: tuple | None = None) -> tuple:
+    "(True, what runs) when `cfg` asks for Liger's fused kernels and they can run here on a `model_type` model (on a GPU of compute `capability`, when planning for one; else this machine's); else (False, why not)."
     if not cfg.fused_kernels: return False, 'fused_kernels=False'
     if model_type not in LIGER_MODEL_TYPES: return False, f'no Liger kernels wired for model type {model_type!r}'
-    cap = compute_capability()
+    cap = capability or compute_capability()
     if cap is not None and cap < (8, 0):
         return False, (f'compute capability {cap[0]}.{cap[1]}: Liger has been measured here on 8.0 and newer only; '
                        f'call apply_liger({model_type!r}, model=...) to try it')

@@ -405,7 +405,8 @@ def out_of_memory_advice(cfg: QLoRAConfig) -> str:
     try: model_config = load_model_config(cfg)
     except Exception: return "Shorten max_length, or choose a smaller model."
     gpu = gpu_memory_bytes()
-    if gpu is not None: return cheapest_fix(model_config, cfg, gpu)
+    from qlora_nb.speed import fused_kernels_apply
+    if gpu is not None: return cheapest_fix(model_config, cfg, gpu, fused_kernels=fused_kernels_apply(cfg, getattr(model_config, 'model_type', ''))[0])
     e = estimate_memory(model_config, cfg)
     return f"By the estimate this run needs {e.required / 2**30:.1f} GiB" + (f": a {g} or larger fits it." if (g := smallest_gpu(e)) else '.')
 

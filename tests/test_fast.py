@@ -105,6 +105,14 @@ def test_speed_up_says_what_it_switched_on_and_why_not():
     assert speed_up(model, QLoRAConfig(fast_lora=False, fused_kernels=False), verbose=False)[:2] == [
         'fused kernels: off (fused_kernels=False)', "fast LoRA: off (fast_lora=False): peft's forward"]
 
+def test_fused_kernels_judged_for_a_gpu_being_planned_for():
+    from qlora_nb.speed import fused_kernels_apply, liger_status
+    cfg = QLoRAConfig()
+    on, why = fused_kernels_apply(cfg, 'llama', capability=(7, 5))           # a T4
+    assert not on and why.startswith('compute capability 7.5')
+    assert fused_kernels_apply(cfg, 'llama', capability=(9, 0)) == liger_status()   # new enough: whether Liger can run here decides
+    assert fused_kernels_apply(cfg, 'gpt2', capability=(9, 0))[0] is False
+
 def test_auto_offload_follows_the_tokens_of_a_micro_batch():
     "'auto' offloads on a GPU from 8,192 tokens per micro-batch (rows as long as the data's longest), with checkpointing; True and False are obeyed."
     on_gpu = lambda **kw: offload_wanted(QLoRAConfig(max_length=2048, **kw), cuda=True)

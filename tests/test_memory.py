@@ -7,7 +7,7 @@ from qlora_nb.config import QLoRAConfig
 from qlora_nb.loading import tiny_llama_config
 from qlora_nb.memory import (fit_micro_batch, GiB, GPUS, MemoryEstimate, ModelConfigUnavailable, check_against_measured, cheapest_fix,
                              estimate_memory, fits, fix_config, gpu_bytes, llama_config, lora_params, measured_peaks,
-                             model_shape, plot_memory, quantized_bytes, resolve_model_config, smallest_gpu, weight_bytes)
+                             model_shape, plot_memory, quantized_bytes, resolve_model_config, run_estimate, smallest_gpu, weight_bytes)
 
 LLAMA2, LLAMA3 = llama_config('llama2-7b'), llama_config('llama3-8b')
 RUN = QLoRAConfig(micro_batch=2, max_length=2048, packing=True)
@@ -124,6 +124,23 @@ def test_fit_micro_batch_counts_the_fast_path():
     plain, fast = fit_micro_batch(LLAMA3, cfg, 'A100-40GB'), fit_micro_batch(LLAMA3, cfg, 'A100-40GB', fused_kernels=True)
     assert plain.micro_batch < fast.micro_batch and fast.effective_batch == plain.effective_batch == 16
 
+def test_run_estimate_counts_offload_where_training_turns_it_on():
+    "'auto' offloads from 8,192 tokens per micro-batch (on a GPU, with checkpointing): the estimate of the run follows."
+    cfg = QLoRAConfig(micro_batch=8, max_length=2048)
+    assert run_estimate(LLAMA3, cfg).peak == estimate_memory(LLAMA3, cfg, offload=True).peak < estimate_memory(LLAMA3, cfg).peak
+    small = replace(cfg, micro_batch=2)                                          # 4,096 tokens: 'auto' leaves offload off
+    assert run_estimate(LLAMA3, small).peak == estimate_memory(LLAMA3, small).peak
+    assert run_estimate(LLAMA3, replace(cfg, offload_activations=False)).peak == estimate_memory(LLAMA3, cfg).peak
+    assert run_estimate(LLAMA3, cfg, fused_kernels=True).peak == estimate_memory(LLAMA3, cfg, fused_kernels=True, offload=True).peak
+
+def test_cheapest_fix_counts_offload_and_fused_kernels():
+    "Llama-3-8B at 2,048 tokens on an L4 (22 GiB): micro-batch 4 fits once 'auto' offload is counted, 8 once Liger's loss is."
+    four, eight = QLoRAConfig(micro_batch=4, max_length=2048), QLoRAConfig(micro_batch=8, max_length=2048)
+    assert not fits(estimate_memory(LLAMA3, four), 'L4') and fix_config(LLAMA3, four, 'L4') == four
+    assert not fits(run_estimate(LLAMA3, eight), 'L4') and fix_config(LLAMA3, eight, 'L4').micro_batch < 8
+    assert fix_config(LLAMA3, eight, 'L4', fused_kernels=True) == eight
+    assert cheapest_fix(LLAMA3, eight, 'L4', fused_kernels=True).startswith('It already fits')
+
 def test_measured_figures_file_has_the_documented_fields():
     for row in measured_peaks():
         assert {'shape', 'micro_batch', 'seq', 'gradient_checkpointing', 'upcast_embeddings', 'measured_peak_gib', 'source'} <= set(row)
@@ -135,9 +152,9 @@ def test_measured_figures_file_has_the_documented_fields():
     (LLAMA3, QLoRAConfig(micro_batch=1, max_length=16384, optimizer='adamw_torch'), 'L4'),
 ])
 def test_cheapest_fix_names_a_change_that_fits(shape, cfg, gpu):
-    assert not fits(estimate_memory(shape, cfg), gpu)
+    assert not fits(run_estimate(shape, cfg), gpu)
     fixed = fix_config(shape, cfg, gpu)
-    assert fixed is not None and fits(estimate_memory(shape, fixed), gpu)
+    assert fixed is not None and fits(run_estimate(shape, fixed), gpu)
     text = cheapest_fix(shape, cfg, gpu)
     assert text.startswith(f'To fit the {gpu}')
     if fixed.micro_batch != cfg.micro_batch: assert f'micro_batch={fixed.micro_batch}' in text

@@ -3,7 +3,7 @@ from dataclasses import fields, replace
 import ipywidgets as widgets
 import pytest
 from qlora_nb.config import QLoRAConfig, ConfigError, problems, load_config
-from qlora_nb.memory import fits, llama_config
+from qlora_nb.memory import fits, llama_config, run_estimate
 from qlora_nb.panel import HyperparameterPanel
 
 @pytest.fixture
@@ -68,6 +68,17 @@ def test_model_config_passed_in_is_used_and_gpu_changes_the_verdict():
     assert p.verdict().startswith('Does not fit the T4') and 'micro_batch=' in p.verdict()
     p.set(gpu='A100-40GB')
     assert p.verdict().startswith('Fits the A100-40GB') and '✓' in p.estimate_html.value
+
+def test_the_estimate_is_counted_as_the_run_would_go_on_the_chosen_gpu():
+    "A T4 (compute capability 7.5) runs no Liger kernels; 'auto' offloads 8 x 2048 tokens; the panel says both and counts them."
+    cfg = QLoRAConfig(model='meta-llama/Meta-Llama-3-8B', micro_batch=8, grad_accum=2, max_length=2048)
+    p = HyperparameterPanel(cfg, model_config=llama_config('llama3-8b'), gpu='T4')
+    report = p.estimate_report()
+    assert 'on the T4: fused kernels off (compute capability 7.5' in report and 'activation offload on (auto: 16,384 tokens' in report
+    assert p.estimate.peak == run_estimate(llama_config('llama3-8b'), cfg).peak
+    offloaded = p.estimate.activations
+    p.set(offload_activations=False)
+    assert 'activation offload off' in p.estimate_report() and p.estimate.activations > offloaded
 
 def test_a_local_model_folder(tmp_path, panel):
     llama_config('llama2-7b').save_pretrained(tmp_path)

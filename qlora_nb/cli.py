@@ -112,7 +112,7 @@ def config_from_args(args) -> QLoRAConfig:
 
 def main(argv: list | None = None) -> int:
     "Entry point of the `qlora-nb` command."
-    from qlora_nb.distributed import in_launched_process, start_rank, check_devices, launch
+    from qlora_nb.distributed import in_launched_process, start_rank, finish_rank, check_devices, launch
     from qlora_nb.training import checkpoint_to_resume
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
@@ -126,5 +126,6 @@ def main(argv: list | None = None) -> int:
             return launch(cfg, argv)
         if in_launched_process(): start_rank(cfg)
         run_workflow(cfg, args.output_dir, resume=args.resume, live=False)
+        if in_launched_process(): finish_rank()    # after a failure the launcher stops the other ranks instead
     except (ValueError, FileNotFoundError, FileExistsError) as e: print(f"qlora-nb: {e}", file=sys.stderr); return 2
     return 0

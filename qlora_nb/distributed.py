@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['FSDP_SETTINGS', 'check_devices', 'in_launched_process', 'is_main_process', 'mixed_precision', 'launch_arguments',
-           'worker_environment', 'start_rank', 'RankZeroCheckpointKeeper', 'prepare_trainer', 'console_command',
-           'launch', 'launch_in_notebook']
+           'worker_environment', 'start_rank', 'finish_rank', 'RankZeroCheckpointKeeper', 'prepare_trainer',
+           'console_command', 'launch', 'launch_in_notebook']
 
 # %% ../nbs/14_distributed.ipynb #0d6ce82d
 import os, sys, shutil
@@ -76,6 +76,13 @@ def start_rank(cfg: QLoRAConfig) -> PartialState:
                           f"--num_processes {cfg.num_processes}, or set num_processes={world}.")
     return PartialState(cpu=not has_cuda())
 
+def finish_rank():
+    "In a launched process whose work is done: wait for the other ranks, then leave the process group (one left open at exit can abort the process: its threads still run)."
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        PartialState().wait_for_everyone()
+        dist.destroy_process_group()
+
 # %% ../nbs/14_distributed.ipynb #2bf75e09
 class RankZeroCheckpointKeeper(CheckpointKeeper):
     "`CheckpointKeeper` for several processes: wait until every rank has written its part, then rank 0 alone seals and rotates."
@@ -118,7 +125,9 @@ def launch(cfg: QLoRAConfig, arguments: list) -> int:
 def _notebook_worker(cfg, output_dir):
     from qlora_nb.cli import run_workflow
     start_rank(cfg)
-    return run_workflow(cfg, output_dir, live=False)
+    metrics = run_workflow(cfg, output_dir, live=False)
+    finish_rank()
+    return metrics
 
 def launch_in_notebook(cfg: QLoRAConfig, output_dir: str | None = None):
     "Run the whole workflow with DDP on this machine's GPUs from a notebook, one forked process per GPU."

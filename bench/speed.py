@@ -23,6 +23,7 @@ Lengths: 'fixed' rows of --seq tokens; 'instruction' lengths drawn like an instr
     python bench/speed.py --shape llama2-7b --bsz 2 8 --compare --out speed.jsonl
     python bench/speed.py --shape llama3-8b --bsz 8 --lengths instruction --packing --offload off on
     python bench/speed.py --shape llama2-7b --bsz 2 --fast-lora off --fused off     # the path without its fast parts
+    python bench/speed.py --shape llama3-8b --bsz 2 --profile                   # where one step's time goes
     python bench/speed.py --shape tiny --seq 256 --steps 3 --compare          # CPU, seconds
     python bench/speed.py --table speed.jsonl unsloth.log                      # markdown table with ratios
 """
@@ -60,6 +61,8 @@ def parse_args(argv=None):
                    help="project recipe: activation offload; '--offload off on' runs both")
     p.add_argument('--checkpointing', choices=['reentrant', 'non-reentrant'],
                    help="project recipe: the form of gradient checkpointing (default: the package's, non-reentrant)")
+    p.add_argument('--profile', action='store_true',
+                   help='profile the last warm-up step (torch.profiler): kernels, GPU busy time, CPU time and the costliest operators, in the RESULT line')
     p.add_argument('--dropout', type=float, default=0.0, help="LoRA dropout (the package's default is 0; the usual recipe's 0.05)")
     p.add_argument('--r', type=int, default=16, help='LoRA rank; alpha is 2r')
     p.add_argument('--seed', type=int, default=0)
@@ -76,6 +79,7 @@ def parse_args(argv=None):
     if not 1 < a.seq <= MAX_POSITIONS: problems.append(f'--seq {a.seq} must be between 2 and {MAX_POSITIONS}')
     if a.steps < 1: problems.append(f'--steps {a.steps} must be 1 or more')
     if a.warmup < 0: problems.append(f'--warmup {a.warmup} must be 0 or more')
+    if a.profile and a.warmup < 1: problems.append('--profile profiles the last warm-up step: give --warmup 1 or more')
     if a.median < 1: problems.append(f'--median {a.median} must be 1 or more')
     if a.r < 1: problems.append(f'--r {a.r} must be 1 or more')
     if not 0 <= a.dropout < 1: problems.append(f'--dropout {a.dropout} must be at least 0 and below 1')
@@ -201,12 +205,14 @@ def measure(recipe, setting: dict, data: list, a) -> dict:
     "Train one setting for warm-up + timed steps; the RESULT dict."
     import torch
     from accelerate.utils import extract_model_from_parallel
-    from qlora_nb.speed import StepClock, TokenCounter
+    from qlora_nb.speed import StepClock, StepProfiler, TokenCounter
     cuda = torch.cuda.is_available()
     bsz, total = setting['bsz'], a.warmup + a.steps
     trainer = recipe.trainer(data, bsz, total, setting['packing'], setting['offload'])
     clock, counter = StepClock(a.warmup), TokenCounter(trainer.data_collator)
     trainer.add_callback(clock)
+    profiler = StepProfiler(a.warmup - 1) if a.profile else None     # a warm-up step: the timed ones stay unprofiled
+    if profiler: trainer.add_callback(profiler)
     trainer.data_collator = counter
     free_memory()
     if cuda: torch.cuda.reset_peak_memory_stats()
@@ -225,7 +231,7 @@ def measure(recipe, setting: dict, data: list, a) -> dict:
                 peak_alloc_gib=round(torch.cuda.max_memory_allocated() / GiB, 3) if cuda else None,
                 peak_reserved_gib=round(torch.cuda.max_memory_reserved() / GiB, 3) if cuda else None,
                 peak_rss_gib=peak_rss_gib(), first_loss=clock.losses[0], last_loss=clock.losses[-1], losses=clock.losses,
-                device=torch.cuda.get_device_name(0) if cuda else 'cpu')
+                device=torch.cuda.get_device_name(0) if cuda else 'cpu', **({'profile': profiler.summary} if profiler else {}))
 
 def parity(plain: dict, project: dict, dtype: str) -> dict:
     "The largest relative difference between two runs' per-step losses, against the tolerance for `dtype`."

@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['SIBLINGS', 'OFFLOAD_MIN_TOKENS', 'LIGER_MODEL_TYPES', 'step_costs', 'instruction_lengths', 'random_examples',
-           'useful_tokens', 'TokenCounter', 'StepClock', 'liger_status', 'apply_liger', 'dequantize_weight', 'LoRA4bit',
-           'fast_lora_forward', 'use_fast_lora', 'sibling_groups', 'OffloadActivations', 'offload_wanted',
-           'fused_kernels_apply', 'speed_up']
+           'useful_tokens', 'TokenCounter', 'StepClock', 'StepProfiler', 'liger_status', 'apply_liger',
+           'dequantize_weight', 'LoRA4bit', 'fast_lora_forward', 'use_fast_lora', 'sibling_groups',
+           'OffloadActivations', 'offload_wanted', 'fused_kernels_apply', 'speed_up']
 
 # %% ../nbs/15_speed.ipynb #28738582
 import contextlib, math, random, time, types
@@ -97,6 +97,34 @@ class StepClock(TrainerCallback):
         "Wall time of the timed steps."
         if self.start is None or self.end is None: raise RuntimeError("The timed steps did not run: are there more steps than warm-up steps?")
         return self.end - self.start
+
+# %% ../nbs/15_speed.ipynb #b6ff9011
+class StepProfiler(TrainerCallback):
+    "Profile optimizer step `step` (counted from 0) with torch.profiler; `summary` then holds its wall time, the kernels launched, the GPU's busy time, the CPU's time and the `top` operators by CPU time."
+    def __init__(self, step: int, top: int = 10):
+        self.step, self.top, self.summary, self._profile = step, top, None, None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step != self.step: return
+        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if has_cuda() else [])
+        _sync()
+        self._profile = torch.profiler.profile(activities=activities)
+        self._profile.__enter__()
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._profile is None: return
+        _sync()
+        wall = time.perf_counter() - self._start
+        self._profile.__exit__(None, None, None)
+        events, self._profile = self._profile.key_averages(), None
+        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        costliest = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:self.top]
+        self.summary = dict(step=self.step, wall_s=round(wall, 4), kernels=sum(e.count for e in kernels),
+                            gpu_busy_s=round(sum(e.self_device_time_total for e in kernels) / 1e6, 4),
+                            cpu_s=round(sum(e.self_cpu_time_total for e in events) / 1e6, 4),
+                            top=[dict(name=e.key, calls=e.count, self_cpu_ms=round(e.self_cpu_time_total / 1e3, 2))
+                                 for e in costliest])
 
 # %% ../nbs/15_speed.ipynb #5e06e22d
 def liger_status() -> tuple:

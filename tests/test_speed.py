@@ -54,13 +54,14 @@ def test_useful_tokens_leave_out_padding(compared):
     varied = [r for r in results if r['lengths'] == 'instruction']
     assert varied[0]['useful_tokens'] == varied[1]['useful_tokens'] < varied[0]['fed_tokens']
 
-def test_padding_free_offload_and_either_checkpointing_feed_the_same_tokens_and_fused_kernels_say_why_off(compared, tmp_path):
+def test_padding_free_offload_either_checkpointing_and_a_profile_feed_the_same_tokens_and_fused_kernels_say_why_off(compared, tmp_path):
     _, results, _ = compared
     padded = next(r for r in results if r['recipe'] == 'project' and r['lengths'] == 'instruction')
     out, runs, _ = run_speed(*TINY, '--lengths', 'instruction', '--packing', '--offload', 'off', 'on', '--store', str(tmp_path),
-                             '--checkpointing', 'reentrant')
+                             '--checkpointing', 'reentrant', '--profile')
     assert [r['offload'] for r in runs] == [False, True]
     assert padded['checkpointing'] == 'non-reentrant' and all(r['checkpointing'] == 'reentrant' for r in runs)
+    assert 'profile' not in padded and all(r['profile']['step'] == 0 and r['profile']['cpu_s'] > 0 and r['profile']['top'] for r in runs)
     for packed in runs:
         assert packed['packing'] and packed['useful_tokens'] == packed['fed_tokens'] == padded['useful_tokens']
         assert abs(packed['first_loss'] - padded['first_loss']) <= 1e-5 * padded['first_loss']   # same examples, same model
@@ -84,7 +85,8 @@ def test_the_saved_adapter_loads_with_plain_peft(compared):
 def test_bad_arguments_are_refused(capsys):
     speed = speed_module()
     for argv, words in ((['--bsz', '0'], '--bsz 0 must be 1 or more'), (['--seq', '9000'], '--seq 9000 must be between'),
-                        (['--recipe', 'plain', '--offload', 'on'], '--offload is a setting of the project recipe')):
+                        (['--recipe', 'plain', '--offload', 'on'], '--offload is a setting of the project recipe'),
+                        (['--profile', '--warmup', '0'], '--profile profiles the last warm-up step')):
         with pytest.raises(SystemExit): speed.parse_args(argv)
         assert words in capsys.readouterr().err
 

@@ -7,8 +7,8 @@ __all__ = ['GiB', 'SHAPES', 'OPTIMIZER_STATE_BYTES', 'CUDA_CONTEXT', 'ALLOCATOR_
            'ModelShape', 'ModelConfigUnavailable', 'resolve_model_config', 'model_shape', 'llama_config',
            'quantized_bytes', 'compute_bytes', 'weight_bytes', 'lora_targets', 'lora_params', 'layer_activation_bytes',
            'checkpoint_bytes', 'loss_bytes', 'backward_work_bytes', 'MemoryEstimate', 'estimate_memory',
-           'measured_peaks', 'reference_config', 'check_against_measured', 'gpu_bytes', 'fits', 'smallest_gpu',
-           'plot_memory', 'run_estimate', 'fix_config', 'cheapest_fix', 'divisors', 'fit_micro_batch']
+           'measured_peaks', 'reference_config', 'check_against_measured', 'run_estimate', 'gpu_bytes', 'fits',
+           'smallest_gpu', 'plot_memory', 'fix_config', 'cheapest_fix', 'divisors', 'fit_micro_batch']
 
 # %% ../nbs/11_memory.ipynb #e47254fe
 import json, math
@@ -290,6 +290,12 @@ def check_against_measured(rows: list | None = None) -> list:
         out.append({**row, 'predicted_peak_gib': e.peak / GiB, 'error': e.peak / GiB / row['measured_peak_gib'] - 1, 'phase': e.phase})
     return out
 
+# %% ../nbs/11_memory.ipynb #dd85f7cf
+def run_estimate(model_config, cfg: QLoRAConfig, upcast_embeddings: bool = False, fused_kernels: bool = False) -> MemoryEstimate:
+    "`estimate_memory` for `cfg` as `train` runs it on a GPU: Liger's kernels if `fused_kernels`, activation offload where `cfg.offload_activations` (or its 'auto') turns it on."
+    from qlora_nb.speed import offload_wanted     # here: qlora_nb.speed imports this module
+    return estimate_memory(model_config, cfg, upcast_embeddings, fused_kernels=fused_kernels, offload=offload_wanted(cfg, cuda=True)[0])
+
 # %% ../nbs/11_memory.ipynb #52a5591c
 GPUS = {'T4': 14.56 * GiB, 'L4': 22.03 * GiB, 'A100-40GB': 39.39 * GiB, 'A100-80GB': 79.15 * GiB,
         'H100-80GB': 79.11 * GiB, 'H200': 139.8 * GiB}
@@ -357,11 +363,6 @@ def _halvings(cfg: QLoRAConfig):
         cfg = replace(cfg, micro_batch=mb, grad_accum=math.ceil(cfg.effective_batch / mb)); yield cfg
     while cfg.max_length > 256: cfg = replace(cfg, max_length=max(256, cfg.max_length // 2)); yield cfg
     while cfg.r > 4: cfg = replace(cfg, r=cfg.r // 2, alpha=cfg.alpha / 2); yield cfg
-
-def run_estimate(model_config, cfg: QLoRAConfig, upcast_embeddings: bool = False, fused_kernels: bool = False) -> MemoryEstimate:
-    "`estimate_memory` for `cfg` as `train` runs it on a GPU: Liger's kernels if `fused_kernels`, activation offload where `cfg.offload_activations` (or its 'auto') turns it on."
-    from qlora_nb.speed import offload_wanted     # here: qlora_nb.speed imports this module
-    return estimate_memory(model_config, cfg, upcast_embeddings, fused_kernels=fused_kernels, offload=offload_wanted(cfg, cuda=True)[0])
 
 def fix_config(model_config, cfg: QLoRAConfig, gpu, upcast_embeddings: bool = False, fused_kernels: bool = False) -> QLoRAConfig | None:
     "The first config along the cheapest-first changes that fits `gpu`; `cfg` itself if it fits; None if none does."

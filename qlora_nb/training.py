@@ -74,7 +74,7 @@ class QLoRATrainer(Trainer):
     _flop_params = None   # the model's parameter count for the FLOP estimate, taken on first use
 
     def compute_loss(self, model, inputs, *args, **kwargs):
-        with self.offload or contextlib.nullcontext():    # the forward pass only: a reentrant recompute saves on the GPU
+        with self.offload or contextlib.nullcontext():    # the forward pass only: a recompute in the backward pass keeps its tensors on the GPU
             return super().compute_loss(model, inputs, *args, **kwargs)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -405,8 +405,10 @@ def out_of_memory_advice(cfg: QLoRAConfig) -> str:
     try: model_config = load_model_config(cfg)
     except Exception: return "Shorten max_length, or choose a smaller model."
     gpu = gpu_memory_bytes()
-    from qlora_nb.speed import fused_kernels_apply
-    if gpu is not None: return cheapest_fix(model_config, cfg, gpu, fused_kernels=fused_kernels_apply(cfg, getattr(model_config, 'model_type', ''))[0])
+    if gpu is not None:
+        from qlora_nb.speed import fused_kernels_apply
+        fused = fused_kernels_apply(cfg, getattr(model_config, 'model_type', ''))[0]   # counted as the run goes
+        return cheapest_fix(model_config, cfg, gpu, fused_kernels=fused)
     e = estimate_memory(model_config, cfg)
     return f"By the estimate this run needs {e.required / 2**30:.1f} GiB" + (f": a {g} or larger fits it." if (g := smallest_gpu(e)) else '.')
 

@@ -99,3 +99,25 @@ def test_nan_stops_training_and_keeps_the_last_checkpoint(tmp_path):
     saved = load_file(tmp_path/'checkpoint-4'/'adapter_model.safetensors')
     assert all(torch.isfinite(t).all() for t in saved.values())
     assert all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad)
+
+def test_bitsandbytes_optimizers_step_with_one_wait_and_the_same_arithmetic(tmp_path):
+    "The Trainer's bitsandbytes optimizer is bitsandbytes' class with a step that waits for the GPU once; the weights it makes are bitsandbytes' own, bit for bit (8-bit states, on the CPU)."
+    import bitsandbytes as bnb
+    from transformers import TrainingArguments
+    from qlora_nb.training import QLoRATrainer, one_sync_optimizer
+    cls, kwargs = QLoRATrainer.get_optimizer_cls_and_kwargs(TrainingArguments(output_dir=str(tmp_path), optim='paged_adamw_8bit', report_to=[]))
+    assert cls.__name__ == 'AdamWOneSync' and issubclass(cls, bnb.optim.AdamW) and kwargs['is_paged'] and kwargs['optim_bits'] == 8
+    assert QLoRATrainer.get_optimizer_cls_and_kwargs(TrainingArguments(output_dir=str(tmp_path), optim='adamw_torch', report_to=[]))[0] is torch.optim.AdamW
+    weights = []
+    for optimizer_cls in (bnb.optim.AdamW, cls):
+        torch.manual_seed(0)
+        w, small = torch.nn.Parameter(torch.randn(64, 256)), torch.nn.Parameter(torch.randn(16))   # 8-bit states; a 32-bit one (under 4,096)
+        start = w.detach().clone()
+        opt = optimizer_cls([w, small], lr=1e-2, optim_bits=8, weight_decay=0.01)
+        for _ in range(4):
+            w.grad, small.grad = torch.randn_like(w), torch.randn_like(small)
+            opt.step()
+        assert opt.state[w]['state1'].dtype == torch.uint8 and opt.state[small]['state1'].dtype == torch.float32
+        assert (w - start).abs().max() > 1e-3                                           # the steps moved the weights
+        weights.append((w.detach().clone(), small.detach().clone()))
+    assert all(torch.equal(a, b) for a, b in zip(*weights))

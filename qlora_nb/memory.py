@@ -155,7 +155,7 @@ def _lora_kept(n_adapters: int, width: int, input_bytes: int, c: int, r: int, dr
     return kept + n_adapters * c * r                     # lora_A's output, kept for lora_B
 
 def layer_activation_bytes(shape: ModelShape, cfg: QLoRAConfig, upcast_embeddings: bool = False,
-                           fused_kernels: bool = False) -> int:    # Liger's RMSNorm and SwiGLU (qlora_nb.speed)
+                           fused_kernels: bool = False) -> int:    # the fast path's norms, SwiGLU and MLP function (qlora_nb.speed)
     "Bytes per token that one decoder layer keeps for its backward pass (no checkpointing)."
     c, s = _dtype_bytes(cfg, upcast_embeddings)
     d, a, kv, f = shape.hidden, shape.attn_dim, shape.kv_dim, shape.intermediate
@@ -164,7 +164,9 @@ def layer_activation_bytes(shape: ModelShape, cfg: QLoRAConfig, upcast_embedding
     attention = c * (2 * a + 2 * kv) + 4 * shape.heads   # q, k, v, output and the log-sum-exp
     mlp = (2 if fused_kernels else 3) * s * f            # fused: gate and up; the product is recomputed
     targets = lora_targets(shape, cfg.target_modules)
-    groups = [(('q_proj', 'k_proj', 'v_proj'), d, s), (('o_proj',), a, c), (('gate_proj', 'up_proj'), d, s), (('down_proj',), f, s)]
+    mlp_function = fused_kernels and cfg.fast_lora and not cfg.dropout   # LoRAMLP4bit makes down's input again instead of keeping it
+    groups = [(('q_proj', 'k_proj', 'v_proj'), d, s), (('o_proj',), a, c), (('gate_proj', 'up_proj'), d, s),
+              (('down_proj',), 0 if mlp_function else f, s)]
     lora = sum(_lora_kept(sum(t in targets for t in names), width, inb, c, cfg.r, cfg.dropout) for names, width, inb in groups)
     return norms + attention + mlp + lora
 

@@ -59,7 +59,7 @@ class QLoRAConfig:
     gradient_checkpointing: bool = True
     # the fast path (nbs/15_speed.ipynb)
     fast_lora: bool = True             # one autograd function per 4-bit LoRA layer instead of peft's module chain
-    fused_kernels: bool = True         # Liger's fused RMSNorm, RoPE, SwiGLU and cross-entropy, on a GPU with liger-kernel
+    fused_kernels: bool = True         # PyTorch's fused RMSNorm; Liger's RoPE, SwiGLU and cross-entropy on a GPU with liger-kernel
     offload_activations: bool | str = 'auto'  # checkpointed layer inputs wait in pinned CPU memory; 'auto': when the copies hide behind compute
     auto_micro_batch: bool = False     # on a GPU: the largest micro-batch the memory estimate fits, same effective batch
     oom_backoff: bool = True           # on running out of GPU memory: halve micro_batch, double grad_accum, resume

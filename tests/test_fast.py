@@ -12,7 +12,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from qlora_nb.config import QLoRAConfig, ConfigError, get_config, validate
 from qlora_nb.loading import load_model, load_tokenizer, tiny_tokenizer
 from qlora_nb.peft_model import create_peft_model
-from qlora_nb.speed import use_fast_lora, speed_up, sibling_groups, offload_wanted
+from qlora_nb.speed import use_fast_lora, speed_up, sibling_groups, fused_mlps, offload_wanted, swiglu, swiglu_backward, use_torch_rms_norm
 from qlora_nb.training import train, NonFiniteError, checkpoints
 
 IDS = torch.randint(4, 250, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -73,6 +73,78 @@ def test_siblings_share_a_call_only_for_the_same_input(tiny_qwen):
         assert '_lora4bit_pending' not in attn.k_proj.__dict__  # and the stale result dropped
         assert torch.allclose(attn.v_proj(x), v, atol=1e-5)
 
+def mlp_nodes(loss) -> int:
+    "How many LoRAMLP4bit nodes the autograd graph behind `loss` holds."
+    seen, todo = set(), [loss.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen: continue
+        seen.add(node); todo += [f for f, _ in node.next_functions]
+    return sum('LoRAMLP4bit' in type(n).__name__ for n in seen)
+
+def saved_wide_bytes(model, width: int) -> int:
+    "Bytes of `width`-wide tensors (the MLP's inner size) that autograd keeps for one forward pass of `model`."
+    total = 0
+    def pack(t):
+        nonlocal total
+        if t.dim() and t.shape[-1] == width and not isinstance(t, torch.nn.Parameter): total += t.numel() * t.element_size()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t): model(input_ids=IDS, labels=IDS)
+    return total
+
+def test_mlp_as_one_function_keeps_less_and_gives_way(tiny_qwen):
+    "The MLP runs as one LoRAMLP4bit when dropout is 0 (its gradients are checked against peft above), keeps two inner-size tensors per token where the layers keep four, hands dropout and disabled adapters to the forward it replaced, and puts that forward back."
+    import types
+    model = peft_model(QLoRAConfig(model=str(tiny_qwen), fast_lora=True, fused_kernels=False))
+    mlp = model.base_model.model.model.layers[0].mlp
+    assert fused_mlps(model) == 2 and mlp_nodes(model(input_ids=IDS, labels=IDS).loss) == 2
+    fused = saved_wide_bytes(model, 128)
+    use_fast_lora(model, mlps=False)                # gate with up, the product, then down: LoRA4bit layer by layer
+    assert fused_mlps(model) == 0 and 'forward' not in mlp.__dict__ and mlp_nodes(model(input_ids=IDS, labels=IDS).loss) == 0
+    layer_by_layer = saved_wide_bytes(model, 128)
+    assert fused * 2 == layer_by_layer == 2 * 4 * IDS.numel() * 128 * 4     # 2 blocks: 2 against 4 [N, 128] float32 tensors each
+    use_fast_lora(model, False)
+    calls = []
+    def earlier_forward(self, x):                   # stands for Liger's forward, bound to the module as Liger does
+        calls.append(x.shape)
+        return type(self).forward(self, x)
+    mlp.forward = types.MethodType(earlier_forward, mlp)
+    use_fast_lora(model)
+    with model.disable_adapter(): model(input_ids=IDS)
+    assert len(calls) == 1                          # no adapter: the earlier forward ran
+    for m in model.modules():
+        if hasattr(m, 'lora_dropout'): m.lora_dropout['default'] = torch.nn.Dropout(0.1)
+    assert mlp_nodes(model(input_ids=IDS, labels=IDS).loss) == 0 and len(calls) == 2   # dropout: layer by layer
+    use_fast_lora(model, False)
+    assert mlp.forward.__func__ is earlier_forward  # put back
+
+def test_swiglu_backward_is_the_gradient_of_silu_times_up():
+    gate, up, grad = torch.randn(3, 4, 7, dtype=torch.float64, requires_grad=True), torch.randn(3, 4, 7, dtype=torch.float64, requires_grad=True), torch.randn(3, 4, 7, dtype=torch.float64)
+    (torch.nn.functional.silu(gate) * up).backward(grad)
+    d_gate, d_up = swiglu_backward(gate.detach(), up.detach(), grad)
+    assert torch.allclose(d_gate, gate.grad) and torch.allclose(d_up, up.grad)
+    assert torch.equal(swiglu(gate.detach(), up.detach()), torch.nn.functional.silu(gate.detach()) * up.detach())
+
+def test_torch_rms_norm_gives_transformers_norm_and_goes_back():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=4))
+    norm = model.model.layers[0].input_layernorm
+    with torch.no_grad(): norm.weight.normal_(1, 0.2)
+    x, g = torch.randn(2, 8, 32, requires_grad=True), torch.randn(2, 8, 32)
+    def run():
+        x.grad = norm.weight.grad = None
+        y = norm(x); y.backward(g)
+        return y.detach(), x.grad.clone(), norm.weight.grad.clone()
+    reference = run()
+    assert use_torch_rms_norm(model) == 3 and 'forward' in norm.__dict__    # two per block and the final one
+    for a, b in zip(reference, run()): assert torch.allclose(a, b, atol=1e-6)
+    norm.to(torch.bfloat16)                          # a float32 input against a bf16 weight: transformers' own forward
+    assert torch.equal(norm(x), type(norm).forward(norm, x))
+    use_torch_rms_norm(model, False)
+    assert 'forward' not in norm.__dict__
+
 def test_trained_bias_goes_to_peft(tiny_qwen):
     "A bias that trains needs peft's forward, which gives it a gradient; LoRA4bit would leave it out."
     model = peft_model(QLoRAConfig(model=str(tiny_qwen), fast_lora=True, fused_kernels=False))
@@ -97,10 +169,10 @@ def test_speed_up_says_what_it_switched_on_and_why_not():
     model = peft_model(QLoRAConfig(fast_lora=False, fused_kernels=False))
     notes = speed_up(model, QLoRAConfig(), verbose=False)
     assert notes[0].startswith('fused kernels: off (no CUDA GPU') if not torch.cuda.is_available() else notes[0].startswith('fused kernels:')
-    assert notes[1] == 'fast LoRA: on, 28 4-bit LoRA layers through LoRA4bit, 8 groups of siblings computed together'
+    assert notes[1] == 'fast LoRA: on, 28 4-bit LoRA layers through LoRA4bit, 8 groups of siblings computed together and 4 MLPs as one function'
     assert notes[2] == ('activation offload: off (auto: no CUDA GPU, nothing to move; decided again when training starts)'
                         if not torch.cuda.is_available() else notes[2])
-    assert speed_up(model, QLoRAConfig(dropout=0.1), verbose=False)[1].endswith('together when dropout is 0')
+    assert speed_up(model, QLoRAConfig(dropout=0.1), verbose=False)[1].endswith('as one function when dropout is 0')
     assert 'under FSDP' in speed_up(model, QLoRAConfig(distributed='fsdp', quant_storage='bfloat16', num_processes=2), verbose=False)[1]
     assert speed_up(model, QLoRAConfig(fast_lora=False, fused_kernels=False), verbose=False)[:2] == [
         'fused kernels: off (fused_kernels=False)', "fast LoRA: off (fast_lora=False): peft's forward"]

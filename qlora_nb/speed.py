@@ -245,17 +245,17 @@ class LoRA4bit(torch.autograd.Function):
 # %% ../nbs/15_speed.ipynb #2d6e73ce
 def swiglu(gate: torch.Tensor, up: torch.Tensor, kernels: bool = False) -> torch.Tensor:
     "silu(gate) * up: Liger's fused kernel when `kernels`, else two PyTorch operations."
-    if not kernels: return torch.nn.functional.silu(gate) * up
+    if not kernels: return torch.nn.functional.silu(gate).mul_(up)
     from liger_kernel.ops.swiglu import swiglu_forward
     return swiglu_forward(gate, up)[2]
 
 def swiglu_backward(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor, kernels: bool = False) -> tuple:
-    "(d gate, d up) from the gradient `grad` arriving at silu(gate) * up. Liger's kernel (`kernels`) writes them over `gate` and `up`."
+    "(d gate, d up) from the gradient `grad` arriving at silu(gate) * up. It writes over its arguments: Liger's kernel (`kernels`) over `gate` and `up`, PyTorch's operations over `grad`."
     if kernels:
         from liger_kernel.ops.swiglu import swiglu_backward as liger_backward
         return liger_backward(gate, up, grad)
-    sig = torch.sigmoid(gate)
-    return grad * up * sig * (1 + gate * (1 - sig)), grad * gate * sig
+    d_up = torch.nn.functional.silu(gate).mul_(grad)
+    return torch.ops.aten.silu_backward(grad.mul_(up), gate), d_up     # SiLU's own backward kernel
 
 class LoRAMLP4bit(torch.autograd.Function):
     "A SwiGLU MLP of three 4-bit LoRA layers, `down(silu(gate(x)) * up(x))`, in one function: the product fed to down is not kept but made again in the backward pass."

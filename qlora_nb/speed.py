@@ -309,6 +309,16 @@ def _base(layer, dtype):
         layer.__dict__['_lora4bit_base'] = cached
     return cached[2]
 
+def _joins(layer, adapter, dtype, x) -> bool:
+    "Whether `layer` can be computed in one call with others running `adapter` in `dtype`: that adapter alone, no dropout mask drawn now, the same compute dtype."
+    return (_plain_adapter(layer) == adapter and _dropout(layer, adapter) is None
+            and (layer.base_layer.compute_dtype or x.dtype) == dtype)
+
+def _call_args(layers, adapter, dtype) -> tuple:
+    "What `LoRA4bit` and `LoRAMLP4bit` take for `layers`: their 4-bit bases, their scalings, and each layer's A and B in turn."
+    return ([_base(m, dtype) for m in layers], [m.scaling[adapter] for m in layers],
+            [w for m in layers for w in (m.lora_A[adapter].weight, m.lora_B[adapter].weight)])
+
 def fast_lora_forward(self, x, *args, **kwargs):
     "peft's 4-bit LoRA layer forward through `LoRA4bit`, with its siblings (k and v after q, up after gate) in the same call when they can be; any other case goes to peft's own forward."
     pending = self.__dict__.pop('_lora4bit_pending', None)
@@ -319,12 +329,10 @@ def fast_lora_forward(self, x, *args, **kwargs):
     dropout = _dropout(self, adapter)
     group = [self]
     if dropout is None:         # siblings share the input only when no layer draws its own dropout mask
-        group += [m for m in self.__dict__.get('_lora4bit_siblings', ())
-                  if _plain_adapter(m) == adapter and _dropout(m, adapter) is None and (m.base_layer.compute_dtype or x.dtype) == dtype]
+        group += [m for m in self.__dict__.get('_lora4bit_siblings', ()) if _joins(m, adapter, dtype, x)]
     xin = x if x.dtype == dtype else x.to(dtype)
-    outs = LoRA4bit.apply(xin, None if dropout is None else dropout(xin), [_base(m, dtype) for m in group],
-                          [m.scaling[adapter] for m in group],
-                          *[w for m in group for w in (m.lora_A[adapter].weight, m.lora_B[adapter].weight)])
+    bases, scalings, adapters = _call_args(group, adapter, dtype)
+    outs = LoRA4bit.apply(xin, None if dropout is None else dropout(xin), bases, scalings, *adapters)
     if x.dtype != dtype: outs = [out.to(x.dtype) for out in outs]
     for m, out in zip(group[1:], outs[1:]): m.__dict__['_lora4bit_pending'] = (x, out)   # returned when m is called with x
     return outs[0]
@@ -333,13 +341,12 @@ def fast_mlp_forward(self, x):
     "A SwiGLU MLP whose gate, up and down are 4-bit LoRA layers, through `LoRAMLP4bit`; any case it does not cover goes to the forward it replaced."
     layers = self.gate_proj, self.up_proj, self.down_proj
     adapter, dtype = _plain_adapter(layers[0]), layers[0].base_layer.compute_dtype or x.dtype
-    if adapter is None or any(_plain_adapter(m) != adapter or _dropout(m, adapter) is not None
-                              or (m.base_layer.compute_dtype or x.dtype) != dtype for m in layers):
+    if adapter is None or not all(_joins(m, adapter, dtype, x) for m in layers):
         replaced = self.__dict__['_lora4bit_mlp']      # the forward before this one: Liger's, or the model's own
         return replaced(x) if replaced is not None else type(self).forward(self, x)
-    out = LoRAMLP4bit.apply(x if x.dtype == dtype else x.to(dtype), [_base(m, dtype) for m in layers],
-                            [m.scaling[adapter] for m in layers], self.__dict__['_lora4bit_kernels'] and x.is_cuda,
-                            *[w for m in layers for w in (m.lora_A[adapter].weight, m.lora_B[adapter].weight)])
+    bases, scalings, adapters = _call_args(layers, adapter, dtype)
+    out = LoRAMLP4bit.apply(x if x.dtype == dtype else x.to(dtype), bases, scalings,
+                            self.__dict__['_lora4bit_kernels'] and x.is_cuda, *adapters)
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 SIBLINGS = (('q_proj', 'k_proj', 'v_proj'), ('gate_proj', 'up_proj'))   # layers of one block that read the same input
@@ -441,7 +448,7 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
         return super().__enter__()
 
 # %% ../nbs/15_speed.ipynb #a7bde870
-OFFLOAD_MIN_TOKENS = 8192   # tokens per micro-batch from which offload is on under 'auto' (free at 16,384, -7-11% at 4,096)
+OFFLOAD_MIN_TOKENS = 8192   # tokens per micro-batch from which offload is on under 'auto' (0-1% slower at 16,384, 2-11% at 4,096)
 
 def offload_wanted(cfg, longest: int | None = None, cuda: bool | None = None) -> tuple:
     "(offload or not, why) for `cfg`: its `offload_activations` setting, with 'auto' judging the tokens of a micro-batch of rows up to `longest` long (on a CUDA GPU: `cuda`, by default whether there is one)."
@@ -468,7 +475,7 @@ def fused_kernels_apply(cfg, model_type: str, capability: tuple | None = None) -
     return liger_status()
 
 def speed_up(model, cfg, verbose: bool = True) -> list:
-    "Switch on the fast path `cfg` asks for on the PEFT `model`: Liger's fused kernels and `LoRA4bit`; one line per choice."
+    "Switch on the fast path `cfg` asks for on the PEFT `model`: PyTorch's fused RMSNorm and Liger's kernels, `LoRA4bit` and `LoRAMLP4bit`; one line per choice."
     notes = []
     base = model.get_base_model() if hasattr(model, 'get_base_model') else model
     kind = base.config.model_type

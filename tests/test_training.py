@@ -101,12 +101,12 @@ def test_nan_stops_training_and_keeps_the_last_checkpoint(tmp_path):
     assert all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad)
 
 def test_bitsandbytes_optimizers_step_with_one_wait_and_the_same_arithmetic(tmp_path):
-    "The Trainer's bitsandbytes optimizer is bitsandbytes' class with a step that waits for the GPU once; the weights it makes are bitsandbytes' own, bit for bit (8-bit states, on the CPU)."
+    "The Trainer's bitsandbytes optimizer is bitsandbytes' class with a step that waits for the GPU once (`one_sync_optimizer`, under `flat_optimizer`); the weights it makes are bitsandbytes' own, bit for bit (8-bit states, on the CPU)."
     import bitsandbytes as bnb
     from transformers import TrainingArguments
     from qlora_nb.training import QLoRATrainer, one_sync_optimizer
     cls, kwargs = QLoRATrainer.get_optimizer_cls_and_kwargs(TrainingArguments(output_dir=str(tmp_path), optim='paged_adamw_8bit', report_to=[]))
-    assert cls.__name__ == 'AdamWOneSync' and issubclass(cls, bnb.optim.AdamW) and kwargs['is_paged'] and kwargs['optim_bits'] == 8
+    assert cls.__name__ == 'AdamWFlat' and issubclass(cls, bnb.optim.AdamW) and kwargs['is_paged'] and kwargs['optim_bits'] == 8
     assert QLoRATrainer.get_optimizer_cls_and_kwargs(TrainingArguments(output_dir=str(tmp_path), optim='adamw_torch', report_to=[]))[0] is torch.optim.AdamW
     weights = []
     for optimizer_cls in (bnb.optim.AdamW, cls):
@@ -121,3 +121,95 @@ def test_bitsandbytes_optimizers_step_with_one_wait_and_the_same_arithmetic(tmp_
         assert (w - start).abs().max() > 1e-3                                           # the steps moved the weights
         weights.append((w.detach().clone(), small.detach().clone()))
     assert all(torch.equal(a, b) for a, b in zip(*weights))
+
+def test_the_trainers_adapters_step_as_one_tensor_with_bitsandbytes_arithmetic(tmp_path):
+    "With a bitsandbytes optimizer, the Trainer lays the LoRA matrices out as views of one tensor per group and steps each group in one call: the adapter it trains equals the one bitsandbytes' own class trains, bit for bit (8-bit states, on the CPU)."
+    import bitsandbytes as bnb
+    from transformers import Trainer
+    from qlora_nb.core import seed_everything
+    from qlora_nb.loading import load_model, load_tokenizer
+    from qlora_nb.peft_model import create_peft_model
+    from qlora_nb.data import build_datasets
+    from qlora_nb.training import make_trainer
+    cfg = get_config('tiny', r=64, max_steps=3, logging_steps=1, eval_steps=1000, save_steps=1000, learning_rate=1e-2)
+    tok = load_tokenizer(cfg); data = build_datasets(cfg, tok)
+    trained = []
+    for own in (False, True):
+        seed_everything(cfg.seed)
+        model = create_peft_model(load_model(cfg, tok), cfg)
+        start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        trainer = make_trainer(model, tok, cfg, data, str(tmp_path/str(own)))
+        trainer.args.optim = 'adamw_8bit'      # on the CPU the package picks PyTorch's AdamW; bitsandbytes' runs here too
+        if own: trainer.optimizer_cls_and_kwargs = (bnb.optim.AdamW, Trainer.get_optimizer_cls_and_kwargs(trainer.args, model)[1])
+        trainer.train()
+        opt = trainer.optimizer.optimizer          # accelerate's wrapper holds the Trainer's optimizer
+        adapters = [p for n, p in model.named_parameters() if p.requires_grad and 'lora_' in n]
+        if not own:
+            assert type(opt).__name__ == 'AdamWFlat' and len(opt.flat_groups) == 1
+            flat, members, _ = opt.flat_groups[0]
+            assert len(members) == len(adapters) > 2 and flat.numel() == sum(p.numel() for p in adapters)
+            assert all(p.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr() for p in adapters)
+            assert opt.state[flat]['state1'].dtype == torch.uint8 and len(opt.param_groups[0]['params']) == 1
+        else: assert not hasattr(opt, 'flat_groups')
+        trained.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+        assert max((trained[-1][n] - start[n]).abs().max() for n in start) > 1e-3     # it trained
+    assert trained[0].keys() == trained[1].keys()
+    assert all(torch.equal(trained[0][n], trained[1][n]) for n in trained[0])
+
+def test_flat_adapters_follow_a_load_and_their_state_resumes():
+    "An adapter given new values after the optimizer was made (a checkpoint loaded into the model) is stepped from those values and becomes a view again; the flat state saves and loads into a fresh optimizer, which then steps as the first."
+    import bitsandbytes as bnb
+    from qlora_nb.training import flat_optimizer
+    make = lambda params: flat_optimizer(bnb.optim.AdamW)(params, lr=1e-2, optim_bits=8, weight_decay=0.0, adapters=params)
+    params = [torch.nn.Parameter(torch.randn(16, 256)) for _ in range(3)]
+    opt = make(params)
+    flat = opt.flat_groups[0][0]
+    loaded = torch.full((16, 256), 0.5)
+    params[1].data = loaded.clone()                      # what loading weights into the model in place of a view does
+    for p in params: p.grad = torch.zeros_like(p)        # a zero gradient with no weight decay leaves the values as they are
+    opt.step()
+    assert torch.equal(params[1].detach(), loaded) and torch.equal(flat.detach()[4096:8192].view(16, 256), loaded)
+    assert params[1].untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
+    fresh = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    resumed = make(fresh)
+    resumed.load_state_dict(opt.state_dict())
+    for ps, o in ((params, opt), (fresh, resumed)):
+        for k in range(2):
+            g = torch.Generator().manual_seed(k)
+            for p in ps: p.grad = torch.randn(p.shape, generator=g)
+            o.step()
+    assert all(torch.equal(a, b) for a, b in zip(params, fresh))
+    assert not torch.equal(params[1].detach(), loaded)   # the steps moved it
+    again = make(params)                                  # a second run on the same model lays them out anew
+    assert len(again.flat_groups[0][1]) == 3 and params[0].untyped_storage().data_ptr() == again.flat_groups[0][0].untyped_storage().data_ptr()
+
+def test_the_trainer_walks_the_model_less_and_clips_the_same(tmp_path):
+    "While the Trainer trains, the model's train() and zero_grad() take the short way, and are the model's own again afterwards; clipping over the trainable parameters listed once gives the stock clipping's norm and gradients, bit for bit."
+    from transformers import TrainerCallback
+    from qlora_nb.loading import load_model, load_tokenizer
+    from qlora_nb.peft_model import create_peft_model
+    from qlora_nb.data import build_datasets
+    from qlora_nb.training import make_trainer
+    cfg = get_config('tiny', max_steps=2, logging_steps=1, eval_steps=1000, save_steps=1000)
+    tok = load_tokenizer(cfg)
+    model = create_peft_model(load_model(cfg, tok), cfg)
+    trainer = make_trainer(model, tok, cfg, build_datasets(cfg, tok), str(tmp_path))
+    seen = []
+    class Look(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            seen.append(('train' in model.__dict__, 'zero_grad' in model.__dict__, len(trainer._trainable), model.training))
+    trainer.add_callback(Look()); trainer.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert seen == [(True, True, len(trainable), True)] * 2
+    assert 'train' not in model.__dict__ and 'zero_grad' not in model.__dict__ and trainer._trainable is None
+    assert all(p.grad is None for p in model.parameters())          # the short zero_grad ran after the last step
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(p.shape, generator=g) * 10 for p in trainable]
+    clipped = []
+    for listed in (trainable, None):                                 # None: the Trainer's own clipping
+        for p, grad in zip(trainable, grads): p.grad = grad.clone()
+        trainer._trainable = listed
+        clipped.append((float(trainer._clip_grad_norm(model)), [p.grad.clone() for p in trainable]))
+    assert clipped[0][0] == clipped[1][0] > 10 * cfg.max_grad_norm
+    assert all(torch.equal(a, b) for a, b in zip(clipped[0][1], clipped[1][1]))
+    assert max(float(p.grad.norm()) for p in trainable) < cfg.max_grad_norm + 1e-6

@@ -186,11 +186,12 @@ def test_fused_kernels_judged_for_a_gpu_being_planned_for():
     assert fused_kernels_apply(cfg, 'gpt2', capability=(9, 0))[0] is False
 
 def test_auto_offload_follows_the_tokens_of_a_micro_batch():
-    "'auto' offloads on a GPU from 8,192 tokens per micro-batch (rows as long as the data's longest), with checkpointing; True and False are obeyed."
+    "'auto' offloads on a GPU from 4,096 tokens per micro-batch (rows as long as the data's longest), with checkpointing; True and False are obeyed."
     on_gpu = lambda **kw: offload_wanted(QLoRAConfig(max_length=2048, **kw), cuda=True)
-    assert [on_gpu(micro_batch=b)[0] for b in (1, 2, 4, 8)] == [False, False, True, True]
-    assert on_gpu(micro_batch=8)[1] == 'auto: 16,384 tokens per micro-batch: the copies hide behind the computation'
-    assert not offload_wanted(QLoRAConfig(micro_batch=8, max_length=2048), longest=300, cuda=True)[0]
+    assert [on_gpu(micro_batch=b)[0] for b in (1, 2, 4, 8)] == [False, True, True, True]
+    assert on_gpu(micro_batch=2)[1] == 'auto: 4,096 tokens per micro-batch: the copies hide behind the computation'
+    assert on_gpu(micro_batch=1)[1] == 'auto: 2,048 tokens per micro-batch, under 4,096: the copies would cost time'
+    assert not offload_wanted(QLoRAConfig(micro_batch=8, max_length=2048), longest=500, cuda=True)[0]       # 4,000 tokens
     assert not on_gpu(micro_batch=8, gradient_checkpointing=False)[0]
     assert offload_wanted(QLoRAConfig(micro_batch=8, max_length=2048), cuda=False) == (False, 'auto: no CUDA GPU, nothing to move')
     assert offload_wanted(QLoRAConfig(offload_activations=True), cuda=False)[0] and not offload_wanted(QLoRAConfig(offload_activations=False), cuda=True)[0]

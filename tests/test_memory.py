@@ -125,10 +125,10 @@ def test_fit_micro_batch_counts_the_fast_path():
     assert plain.micro_batch < fast.micro_batch and fast.effective_batch == plain.effective_batch == 16
 
 def test_run_estimate_counts_offload_where_training_turns_it_on():
-    "'auto' offloads from 8,192 tokens per micro-batch (on a GPU, with checkpointing): the estimate of the run follows."
+    "'auto' offloads from 4,096 tokens per micro-batch (on a GPU, with checkpointing): the estimate of the run follows."
     cfg = QLoRAConfig(micro_batch=8, max_length=2048)
     assert run_estimate(LLAMA3, cfg).peak == estimate_memory(LLAMA3, cfg, offload=True).peak < estimate_memory(LLAMA3, cfg).peak
-    small = replace(cfg, micro_batch=2)                                          # 4,096 tokens: 'auto' leaves offload off
+    small = replace(cfg, micro_batch=1)                                          # 2,048 tokens: 'auto' leaves offload off
     assert run_estimate(LLAMA3, small).peak == estimate_memory(LLAMA3, small).peak
     assert run_estimate(LLAMA3, replace(cfg, offload_activations=False)).peak == estimate_memory(LLAMA3, cfg).peak
     assert run_estimate(LLAMA3, cfg, fused_kernels=True).peak == estimate_memory(LLAMA3, cfg, fused_kernels=True, offload=True).peak

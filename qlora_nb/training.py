@@ -206,7 +206,7 @@ class QLoRATrainer(Trainer):
         "The Trainer's optimizer class for `args.optim` and its arguments; bitsandbytes' steps `model`'s LoRA matrices as one tensor per group, with one wait for the GPU (`flat_optimizer`)."
         optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
         flat_cls = flat_optimizer(optimizer_cls)
-        if flat_cls is not optimizer_cls and model is not None:
+        if flat_cls is not optimizer_cls and model is not None and not args.fp16:   # fp16's loss scaler unscales and checks the optimizer's own tensors' gradients
             kwargs = dict(kwargs, adapters=[p for n, p in model.named_parameters() if p.requires_grad and ('lora_A' in n or 'lora_B' in n)])
         return flat_cls, kwargs
 

@@ -108,6 +108,11 @@ def test_bitsandbytes_optimizers_step_with_one_wait_and_the_same_arithmetic(tmp_
     cls, kwargs = QLoRATrainer.get_optimizer_cls_and_kwargs(TrainingArguments(output_dir=str(tmp_path), optim='paged_adamw_8bit', report_to=[]))
     assert cls.__name__ == 'AdamWFlat' and issubclass(cls, bnb.optim.AdamW) and kwargs['is_paged'] and kwargs['optim_bits'] == 8
     assert QLoRATrainer.get_optimizer_cls_and_kwargs(TrainingArguments(output_dir=str(tmp_path), optim='adamw_torch', report_to=[]))[0] is torch.optim.AdamW
+    model = torch.nn.ModuleDict(dict(lora_A=torch.nn.Linear(256, 16, bias=False), lora_B=torch.nn.Linear(16, 256, bias=False)))
+    args = TrainingArguments(output_dir=str(tmp_path), optim='paged_adamw_8bit', report_to=[])
+    assert len(QLoRATrainer.get_optimizer_cls_and_kwargs(args, model)[1]['adapters']) == 2
+    args.fp16 = True        # the loss scaler unscales the gradients of the tensors the optimizer holds: no flat tensor then
+    assert 'adapters' not in QLoRATrainer.get_optimizer_cls_and_kwargs(args, model)[1]
     weights = []
     for optimizer_cls in (bnb.optim.AdamW, cls):
         torch.manual_seed(0)

@@ -29,9 +29,13 @@ print('loaded', recipe.notes, flush=True)
 start = S.trainable_state(model)
 data = S.examples('fixed', bsz * (a.warmup + a.steps), 2048, 300, SHAPES[shape]['vocab_size'], 0)
 norms = [m for m in model.modules() if type(m).__name__.endswith('RMSNorm')]
-PACKAGE = QLoRATrainer.__dict__['get_optimizer_cls_and_kwargs']     # the flat step
-OPTIMIZERS = {'flat': PACKAGE, 'bitsandbytes': staticmethod(Trainer.get_optimizer_cls_and_kwargs),
-              'one-wait': staticmethod(lambda args, model=None: (lambda c, k: (one_sync_optimizer(c), k))(*Trainer.get_optimizer_cls_and_kwargs(args, model)))}
+def one_wait_optimizer(args, model=None) -> tuple:
+    "bitsandbytes' class with one wait per step, each adapter stepped on its own: the step before the flat one."
+    optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    return one_sync_optimizer(optimizer_cls), kwargs
+
+OPTIMIZERS = {'flat': QLoRATrainer.__dict__['get_optimizer_cls_and_kwargs'],      # the package's
+              'one-wait': staticmethod(one_wait_optimizer), 'bitsandbytes': staticmethod(Trainer.get_optimizer_cls_and_kwargs)}
 
 def set_norm(kind: str):
     "PyTorch's rms_norm (the package's), or Liger's RMSNorm where liger-kernel imports, else transformers' own."

@@ -66,8 +66,9 @@ STATE_BLOCK = 256   # values per block of bitsandbytes' 8-bit optimizer states, 
 
 def _joins_flat(p, min_8bit_size: int) -> bool:
     "Whether adapter `p` steps the same laid end to end with others: float32 values, 8-bit states, a whole number of blocks; its own storage or a flat tensor of ours (not another library's buffer, such as FSDP's)."
+    if type(p) is not torch.nn.Parameter: return False      # a sharded or otherwise wrapped tensor keeps its own call
     own = p.untyped_storage().nbytes() == p.numel() * p.element_size() or getattr(p, '_in_flat_tensor', False)
-    return (type(p) is torch.nn.Parameter and own and p.requires_grad and p.dtype == torch.float32 and p.is_contiguous()
+    return (own and p.requires_grad and p.dtype == torch.float32 and p.is_contiguous()
             and p.numel() >= min_8bit_size and p.numel() % STATE_BLOCK == 0)
 
 def flat_optimizer(optimizer_cls):

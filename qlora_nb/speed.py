@@ -448,7 +448,7 @@ class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
         return super().__enter__()
 
 # %% ../nbs/15_speed.ipynb #a7bde870
-OFFLOAD_MIN_TOKENS = 4096   # tokens per micro-batch from which offload is on under 'auto' (within 1% at 16,384; -4% to +4% at 4,096 in the fifth run)
+OFFLOAD_MIN_TOKENS = 4096   # tokens per micro-batch from which offload is on under 'auto' (within 1% at 16,384; +4% to -5% at 4,096 in the last two runs, for 0.76 GiB)
 
 def offload_wanted(cfg, longest: int | None = None, cuda: bool | None = None) -> tuple:
     "(offload or not, why) for `cfg`: its `offload_activations` setting, with 'auto' judging the tokens of a micro-batch of rows up to `longest` long (on a CUDA GPU: `cuda`, by default whether there is one)."

@@ -1,4 +1,4 @@
-"""Fail when the notebooks, the package and README.md disagree: `nbdev_export` or `nbdev_clean` would change
+"""Fail when the notebooks, the package and README.md disagree: `nbdev_export` or `tools/clean.py` would change
 files, or README.md is stale against nbs/index.ipynb. Works on a copy, so the tree is never modified."""
 import filecmp, shutil, subprocess, sys, tempfile
 from pathlib import Path
@@ -21,9 +21,9 @@ with tempfile.TemporaryDirectory() as tmp:
     subprocess.run([bin_dir/'nbdev_export'], cwd=copy, check=True)
     if stale := differing(root/'qlora_nb', copy/'qlora_nb'):
         failures.append(f"nbdev_export changes {stale}: edit the notebooks, run nbdev_export, commit both.")
-    subprocess.run([bin_dir/'nbdev_clean'], cwd=copy, check=True, capture_output=True)
+    subprocess.run([sys.executable, copy/'tools'/'clean.py'], cwd=copy, check=True, capture_output=True)
     if dirty := differing(root/'nbs', copy/'nbs'):
-        failures.append(f"nbdev_clean changes {dirty}: run nbdev_clean and commit.")
+        failures.append(f"tools/clean.py changes {dirty}: run `python tools/clean.py` and commit.")
     subprocess.run([sys.executable, copy/'tools'/'readme.py'], cwd=copy, check=True)
     if (copy/'README.md').read_text() != (root/'README.md').read_text():
         failures.append("README.md is stale against nbs/index.ipynb: run `python tools/readme.py` and commit.")

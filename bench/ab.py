@@ -18,8 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__))); sys.path[:0]
 import speed as S
 from make_model import make_model, SHAPES
 from transformers import Trainer
-from qlora_nb.speed import use_fast_lora, fused_mlps, use_torch_rms_norm
-from qlora_nb.training import QLoRATrainer, one_sync_optimizer, flat_optimizer
+from qlora_nb.fast_path import use_fast_lora, fused_mlps, use_torch_rms_norm, FastTrainer, one_sync_optimizer, flat_optimizer
 
 shape, bsz, rounds, what = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4].split(',')
 OUT = os.environ.get('OUT', '/tmp')
@@ -34,7 +33,7 @@ def one_wait_optimizer(args, model=None) -> tuple:
     optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
     return one_sync_optimizer(optimizer_cls), kwargs
 
-OPTIMIZERS = {'flat': QLoRATrainer.__dict__['get_optimizer_cls_and_kwargs'],      # the package's
+OPTIMIZERS = {'flat': FastTrainer.__dict__['get_optimizer_cls_and_kwargs'],      # the package's
               'one-wait': staticmethod(one_wait_optimizer), 'bitsandbytes': staticmethod(Trainer.get_optimizer_cls_and_kwargs)}
 
 def set_norm(kind: str):
@@ -46,7 +45,7 @@ def set_norm(kind: str):
 
 def setup(mlps: bool, norm: str, optim: str):
     set_norm(norm); use_fast_lora(model, swiglu_kernels=recipe.fused, mlps=mlps)
-    QLoRATrainer.get_optimizer_cls_and_kwargs = OPTIMIZERS[optim]
+    FastTrainer.get_optimizer_cls_and_kwargs = OPTIMIZERS[optim]
 
 def one(mlps: bool, norm: str, optim: str, offload: bool, tag: str):
     setup(mlps, norm, optim); S.restore(model, start)
@@ -93,9 +92,9 @@ if 'pyprof' in what:   # where the Python time of one step goes (cProfile, step 
     trainer.add_callback(PythonProfile()); trainer.train(); del trainer
 
 if 'walkab' in what:   # the package's path with the Trainer's own walks over the model, or quick_walks' (the package's); offload off and on
-    QUICK = (QLoRATrainer.__dict__['train'], QLoRATrainer.__dict__['_clip_grad_norm'])
+    QUICK = (FastTrainer.__dict__['train'], FastTrainer.__dict__['_clip_grad_norm'])
     def walks(quick: bool):
-        QLoRATrainer.train, QLoRATrainer._clip_grad_norm = QUICK if quick else (Trainer.train, Trainer._clip_grad_norm)
+        FastTrainer.train, FastTrainer._clip_grad_norm = QUICK if quick else (Trainer.train, Trainer._clip_grad_norm)
     for rnd in range(rounds):
         for quick in ((True, False) if rnd % 2 == 0 else (False, True)):
             for offload in (False, True):
@@ -112,7 +111,7 @@ if 'walks' in what:   # the Trainer's walks over every module, once per step: CP
     print('WALK modules', sum(1 for _ in model.modules()), 'train()', ms(lambda: model.train()), 'list(parameters())', ms(lambda: list(model.parameters())),
           'clip_grad_norm_', ms(lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)),
           'clip on the adapters alone', ms(lambda: torch.nn.utils.clip_grad_norm_(params, 1.0)), flush=True)
-    from qlora_nb.training import quick_walks
+    from qlora_nb.fast_path import quick_walks
     with quick_walks(model):
         print('WALK quick_walks: train()', ms(lambda: model.train()), 'zero_grad()', ms(lambda: model.zero_grad()), flush=True)
 
@@ -154,7 +153,7 @@ if ('calls' in what or 'optimizer' in what) and torch.cuda.is_available():
 
 if 'micro' in what and torch.cuda.is_available():
     from torch.nn.attention import sdpa_kernel, SDPBackend
-    from qlora_nb.speed import OffloadActivations
+    from qlora_nb.fast_path import OffloadActivations
     F = torch.nn.functional
     for kv_heads in (32, 8):
         q = torch.randn(2, 32, 2048, 128, device='cuda', dtype=torch.bfloat16, requires_grad=True)

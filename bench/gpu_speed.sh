@@ -11,7 +11,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false IN_TEST=1  # IN_TEST: no progress bars
 OUT=${OUT:-/tmp/speed_out}; mkdir -p "$OUT"
 python3 -c "import torch, transformers, peft, bitsandbytes; print(torch.__version__, transformers.__version__, peft.__version__, bitsandbytes.__version__, torch.cuda.get_device_name(0))"
-python3 -c "from qlora_nb.speed import liger_status; print('Liger:', *liger_status())"
+python3 -c "from qlora_nb.config import liger_status; print('Liger:', *liger_status())"
 
 speed() {   # one process: its settings share a loaded model; a hung one is stopped after 5 minutes
   echo "== speed.py $*" | tee -a "$OUT/speed.log"

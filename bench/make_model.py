@@ -7,7 +7,7 @@ import sys, time
 from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-from qlora_nb.loading import tiny_tokenizer
+from qlora_nb.models import tiny_tokenizer
 from qlora_nb.memory import SHAPES as ESTIMATOR_SHAPES
 
 SHAPES = {

@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # the checkout's 
 import torch
 
 from qlora_nb.config import QLoRAConfig
-from qlora_nb.memory import GiB, SHAPES, llama_config, estimate_memory
+from qlora_nb.core import GiB
+from qlora_nb.memory import SHAPES, llama_config, estimate_memory
 
 SETTINGS = ('1x1024', '2x2048', '4x2048')
 
@@ -92,7 +93,10 @@ def load_project(cfg: QLoRAConfig):
     "4-bit model with LoRA through qlora_nb's own functions (embeddings and lm_head stay bf16)."
     from qlora_nb.loading import load_model
     from qlora_nb.peft_model import create_peft_model
-    return create_peft_model(load_model(cfg), cfg)
+    from qlora_nb.fast_path import speed_up
+    model = create_peft_model(load_model(cfg), cfg)
+    model.fast_path = speed_up(model, cfg)   # create_peft_model no longer switches the fast path on
+    return model
 
 
 def load_plain(cfg: QLoRAConfig):

@@ -6,7 +6,7 @@ tokens_per_s, s_per_step, peak_alloc_gib, peak_reserved_gib, first_loss, last_lo
 tokens fed and useful (not padding). tokens_per_s counts useful tokens only.
 
 Recipes:
-  project  qlora_nb's own path: load_tokenizer, load_model, create_peft_model, make_trainer (no float32 upcast of
+  project  qlora_nb's own path: load_tokenizer, load_model, create_peft_model, speed_up, run_trainer (no float32 upcast of
            embeddings and lm_head; the package's precision and optimizer: bf16 and paged 8-bit AdamW on a recent
            GPU, float32 and AdamW on the CPU) with its fast path as configured: LoRA4bit (--fast-lora), Liger's
            fused kernels on a GPU (--fused), activation offload (--offload), the form of checkpointing (--checkpointing)
@@ -115,19 +115,22 @@ def project_config(path: Path, a, bsz: int, steps: int):
 
 
 class ProjectRecipe:
-    "qlora_nb's path: load_tokenizer -> load_model -> create_peft_model -> make_trainer."
+    "qlora_nb's path: load_tokenizer -> load_model -> create_peft_model -> speed_up -> run_trainer."
     name = 'project'
 
     def __init__(self, path: Path, a):
         from transformers import set_seed
-        from qlora_nb.loading import load_tokenizer, load_model
+        from qlora_nb.models import load_tokenizer
+        from qlora_nb.loading import load_model
         from qlora_nb.peft_model import create_peft_model
+        from qlora_nb.fast_path import speed_up
         self.a, self.cfg = a, project_config(path, a, a.bsz[0], a.warmup + a.steps)
         self.tokenizer = load_tokenizer(self.cfg, verbose=False)
         base = load_model(self.cfg, self.tokenizer)
         set_seed(a.seed)                       # the same LoRA initialization as the plain recipe
         self.model = create_peft_model(base, self.cfg)
-        self.notes = self.model.fast_path      # what create_peft_model switched on, for the RESULT lines
+        self.model.fast_path = speed_up(self.model, self.cfg)
+        self.notes = self.model.fast_path      # what speed_up switched on, for the RESULT lines
         if a.checkpointing:                    # another form than the package's
             from qlora_nb.kbit import enable_checkpointing
             enable_checkpointing(self.model.get_base_model(), reentrant=a.checkpointing == 'reentrant')
@@ -136,9 +139,11 @@ class ProjectRecipe:
 
     def trainer(self, data: list, bsz: int, steps: int, packing: bool, offload: bool = False):
         from qlora_nb.data import TrainingData
-        from qlora_nb.training import make_trainer
-        cfg = replace(self.cfg, micro_batch=bsz, max_steps=steps, packing=packing, offload_activations=offload)
-        return make_trainer(self.model, self.tokenizer, cfg, TrainingData(data, None, {}, 'text'), cfg.output_dir)
+        from qlora_nb.workflow import run_trainer
+        self.runs = getattr(self, 'runs', 0) + 1       # each trainer a folder of its own: a new run never meets another's checkpoints
+        cfg = replace(self.cfg, micro_batch=bsz, max_steps=steps, packing=packing, offload_activations=offload,
+                      output_dir=scratch(f'project-{self.runs}'))
+        return run_trainer(self.model, self.tokenizer, cfg, TrainingData(data, None, {}, 'text'), cfg.output_dir)
 
 
 class PlainRecipe:

@@ -4,9 +4,11 @@ from types import SimpleNamespace
 from pathlib import Path
 import pytest, torch
 
-import qlora_nb.training as training
+import qlora_nb.checkpoints as checkpoints_module
 from qlora_nb.config import get_config, update
-from qlora_nb.training import (train, checkpoints, verify_checkpoint, write_manifest, CheckpointMirror, GPUOutOfMemoryError, MANIFEST)
+from qlora_nb.workflow import train
+from qlora_nb.checkpoints import checkpoints, verify_checkpoint, write_manifest, CheckpointMirror, MANIFEST
+from qlora_nb.memory import GPUOutOfMemoryError
 
 def lora_state(model) -> dict:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -102,7 +104,7 @@ def test_a_copy_that_does_not_verify_never_replaces_the_older_ones(tmp_path, mon
     def cut_short(src, dst, **kw):   # Drive drops the end of a file
         real_copytree(src, dst, **kw)
         with open(Path(dst)/'adapter_model.safetensors', 'r+b') as f: f.truncate(1000)
-    monkeypatch.setattr(training.shutil, 'copytree', cut_short)
+    monkeypatch.setattr(checkpoints_module.shutil, 'copytree', cut_short)
     with pytest.warns(UserWarning, match='copy of checkpoint-6 .* did not verify .*has 1000 bytes.*keeps its older checkpoints'):
         save(6)
     assert [c.name for c in checkpoints(drive)] == ['checkpoint-2', 'checkpoint-4']

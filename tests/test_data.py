@@ -10,7 +10,7 @@ import pytest, torch
 from datasets import Dataset, DatasetDict
 
 from qlora_nb.config import get_config, TINY_DATASET
-from qlora_nb.loading import tiny_tokenizer
+from qlora_nb.models import tiny_tokenizer
 from qlora_nb.data import (REVERSE_WORDS_FILES, IGNORE_INDEX, DataError, DatasetNotFound, asset, read_jsonl, write_jsonl,
                            reverse_words, load_records, data_format, format_prompt, response_text, encode_text, tokenize_dataset, build_datasets, check_max_length, template_length, collator,
                            PadCollator, eval_pairs, example_view, padding_tokens, trained_tokens)

@@ -10,7 +10,7 @@ from qlora_nb.config import QLoRAConfig, ConfigError, get_config, problems
 from qlora_nb.loading import load_model
 from qlora_nb.cli import main
 from qlora_nb.distributed import check_devices, launch_arguments, start_rank
-from qlora_nb.training import checkpoints, verify_checkpoint
+from qlora_nb.checkpoints import checkpoints, verify_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 QLORA_NB = str(Path(sys.executable).with_name('qlora-nb'))

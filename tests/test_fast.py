@@ -9,11 +9,14 @@ import pytest, torch
 from safetensors.torch import load_file
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from qlora_nb.config import QLoRAConfig, ConfigError, get_config, validate
-from qlora_nb.loading import load_model, load_tokenizer, tiny_tokenizer
+from qlora_nb.config import QLoRAConfig, ConfigError, get_config, validate, offload_wanted
+from qlora_nb.models import load_tokenizer, tiny_tokenizer
+from qlora_nb.loading import load_model
 from qlora_nb.peft_model import create_peft_model
-from qlora_nb.speed import use_fast_lora, speed_up, sibling_groups, fused_mlps, offload_wanted, swiglu, swiglu_backward, use_torch_rms_norm
-from qlora_nb.training import train, NonFiniteError, checkpoints
+from qlora_nb.fast_path import use_fast_lora, speed_up, sibling_groups, fused_mlps, swiglu, swiglu_backward, use_torch_rms_norm
+from qlora_nb.workflow import train
+from qlora_nb.training import NonFiniteError
+from qlora_nb.checkpoints import checkpoints
 
 IDS = torch.randint(4, 250, (2, 24), generator=torch.Generator().manual_seed(0))
 
@@ -33,7 +36,8 @@ def tiny_qwen(tmp_path_factory):
 
 def peft_model(cfg):
     torch.manual_seed(0)
-    model = create_peft_model(load_model(cfg, load_tokenizer(cfg, verbose=False)), cfg, verbose=False)
+    model = create_peft_model(load_model(cfg, load_tokenizer(cfg, verbose=False)), cfg)
+    speed_up(model, cfg, verbose=False)
     with torch.no_grad():   # B starts at zero; random values exercise every gradient
         for n, p in model.named_parameters():
             if 'lora_B' in n: p.normal_(0, 0.05)
@@ -178,7 +182,7 @@ def test_speed_up_says_what_it_switched_on_and_why_not():
         'fused kernels: off (fused_kernels=False)', "fast LoRA: off (fast_lora=False): peft's forward"]
 
 def test_fused_kernels_judged_for_a_gpu_being_planned_for():
-    from qlora_nb.speed import fused_kernels_apply, liger_status
+    from qlora_nb.config import fused_kernels_apply, liger_status
     cfg = QLoRAConfig()
     on, why = fused_kernels_apply(cfg, 'llama', capability=(7, 5))           # a T4
     assert not on and why.startswith('compute capability 7.5')
@@ -213,7 +217,8 @@ def test_offload_changes_nothing_training_computes(tmp_path):
 def test_nan_in_a_middle_micro_batch_stops_before_that_optimizer_step(tmp_path):
     cfg = get_config('tiny', max_steps=6, micro_batch=16, grad_accum=4, save_steps=2, eval_steps=1000, logging_steps=1)
     tok = load_tokenizer(cfg, verbose=False)
-    model = create_peft_model(load_model(cfg, tok), cfg, verbose=False)
+    model = create_peft_model(load_model(cfg, tok), cfg)
+    speed_up(model, cfg, verbose=False)
     calls = {'n': 0}
     def poison(module, inputs, output):   # the second micro-batch of step 3: forward call 4 * 2 + 2
         if module.training: calls['n'] += 1
@@ -229,7 +234,7 @@ def test_nan_in_a_middle_micro_batch_stops_before_that_optimizer_step(tmp_path):
 def test_a_group_of_three_in_float16_matches_float32_arithmetic():
     "q, k, v as one LoRA4bit call in float16 (a T4's compute dtype), with biases: outputs and every gradient within float16 rounding of the same sums in float32, and float32 gradients for the float32 adapters."
     from bitsandbytes.functional import quantize_4bit, dequantize_4bit
-    from qlora_nb.speed import LoRA4bit
+    from qlora_nb.fast_path import LoRA4bit
     torch.manual_seed(0)
     d, widths, r, scaling = 64, (64, 32, 32), 4, 2.0
     packed = [quantize_4bit((torch.randn(o, d) / d**0.5).half(), quant_type='nf4', compress_statistics=True) for o in widths]
@@ -273,13 +278,13 @@ def test_offload_wraps_the_forward_pass_alone(tmp_path):
     "Recomputation runs in the backward pass: a reentrant one inside the offload context would send every tensor it saves across the bus."
     from qlora_nb.data import build_datasets
     from qlora_nb.kbit import enable_checkpointing
-    from qlora_nb.speed import OffloadActivations
-    from qlora_nb.training import make_trainer
+    from qlora_nb.fast_path import OffloadActivations
+    from qlora_nb.workflow import run_trainer
     cfg = get_config('tiny', micro_batch=4, grad_accum=1, max_steps=1, gradient_checkpointing=True, save_steps=100, eval_steps=100)
     tokenizer = load_tokenizer(cfg, verbose=False)
     model = peft_model(cfg)
     enable_checkpointing(model.get_base_model(), reentrant=True)   # the form whose recompute would be caught
-    trainer = make_trainer(model, tokenizer, cfg, build_datasets(cfg, tokenizer), str(tmp_path))
+    trainer = run_trainer(model, tokenizer, cfg, build_datasets(cfg, tokenizer), str(tmp_path))
     batches, collate = [], trainer.data_collator
     trainer.data_collator = lambda rows: batches.append(collate(rows)) or batches[-1]   # keep the step's batch
     trainer.offload = OffloadActivations(model, min_bytes=1)        # every saved tensor counts, even the tiny model's

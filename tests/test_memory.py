@@ -4,8 +4,9 @@ import math
 from dataclasses import replace
 import pytest
 from qlora_nb.config import QLoRAConfig
-from qlora_nb.loading import tiny_llama_config
-from qlora_nb.memory import (fit_micro_batch, GiB, GPUS, MemoryEstimate, ModelConfigUnavailable, check_against_measured, cheapest_fix,
+from qlora_nb.models import tiny_llama_config
+from qlora_nb.core import GiB
+from qlora_nb.memory import (fit_micro_batch, GPUS, MemoryEstimate, ModelConfigUnavailable, check_against_measured, cheapest_fix,
                              estimate_memory, fits, fix_config, gpu_bytes, llama_config, lora_params, measured_peaks,
                              model_shape, plot_memory, quantized_bytes, resolve_model_config, run_estimate, smallest_gpu, weight_bytes)
 

@@ -13,11 +13,12 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 import qlora_nb.saving as saving
 from qlora_nb.config import get_config, update
 from qlora_nb.core import seed_everything
-from qlora_nb.loading import load_model, load_tokenizer, quantized_layers, tiny_llama_config, tiny_tokenizer
+from qlora_nb.models import load_tokenizer, tiny_llama_config, tiny_tokenizer
+from qlora_nb.loading import load_model, quantized_layers
 from qlora_nb.peft_model import create_peft_model
 from qlora_nb.saving import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, RECORD, AdapterError, WrongBaseError, save_adapter,
-                             load_adapter, check_adapter, merge_adapter, merge_report, compare_generations, lora_tensors,
-                             atomic_folder, dequantize_model, Table)
+                             load_adapter, check_adapter, merge_adapter, lora_tensors, atomic_folder, dequantize_model)
+from qlora_nb.evaluation import merge_report, compare_generations, Table
 
 @pytest.fixture(scope='module', autouse=True)
 def one_thread():

@@ -5,7 +5,8 @@ import pytest, torch
 from qlora_nb.config import QLoRAConfig, ConfigError, get_config, update, load_config, save_config
 from qlora_nb.core import choose_precision
 from qlora_nb.quantization import bnb_config
-from qlora_nb.loading import load_model, load_tokenizer, quantized_layers, footprint
+from qlora_nb.models import load_tokenizer
+from qlora_nb.loading import load_model, quantized_layers, footprint
 from qlora_nb.lora import lora_config
 from qlora_nb.peft_model import create_peft_model, check_trainable
 from qlora_nb.kbit import is_checkpointing

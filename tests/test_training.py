@@ -5,7 +5,9 @@ import pytest, torch
 from safetensors.torch import load_file
 
 from qlora_nb.config import get_config
-from qlora_nb.training import (train, find_checkpoint, verify_checkpoint, checkpoints, check_resume_compatible, NonFiniteError, MANIFEST)
+from qlora_nb.workflow import train
+from qlora_nb.training import NonFiniteError
+from qlora_nb.checkpoints import find_checkpoint, verify_checkpoint, checkpoints, check_resume_compatible, MANIFEST
 
 ENV = {**os.environ, 'HF_HUB_OFFLINE': '1', 'PYTHONUNBUFFERED': '1'}
 ENV.pop('IN_TEST', None)
@@ -22,14 +24,14 @@ def test_main_job_learns_the_task(tmp_path):
     assert m['accuracy_before'] < 0.10
     assert m['accuracy_after'] >= 0.80
     assert (out/'adapter'/'adapter_model.safetensors').is_file() and (out/'training.png').stat().st_size > 10_000
-    for step in ('[1/5]', '[2/5]', '[3/5]', '[4/5]', '[5/5]'): assert step in done.stdout
+    for step in ('data: ', 'steps 1-5, model: ', 'step 6, trained ', 'step 7, adapter saved to ', 'wrote '): assert step in done.stdout
 
 RUN = textwrap.dedent('''
     import os, sys
     from transformers import TrainerCallback
     from safetensors.torch import save_file
     from qlora_nb.config import get_config
-    from qlora_nb.training import train
+    from qlora_nb.workflow import train
     out, kill_at, resume, r = sys.argv[1], int(sys.argv[2]), sys.argv[3] == '1', int(sys.argv[4])
     cfg = get_config('tiny', max_steps=12, save_steps=4, eval_steps=1000, logging_steps=2, micro_batch=8, dropout=0.1, r=r)
     class Kill(TrainerCallback):
@@ -63,7 +65,7 @@ def test_half_written_checkpoint_is_never_resumed(tmp_path):
     (newest/MANIFEST).unlink()                      # as if the process died before the seal
     with open(newest/'adapter_model.safetensors', 'r+b') as f: f.truncate(100)
     assert find_checkpoint(tmp_path, verbose=False).name == 'checkpoint-4'
-    assert not newest.exists() and list(tmp_path.glob('checkpoint-8.incomplete-*'))   # set aside, not deleted
+    assert not newest.exists() and list(tmp_path.glob('checkpoint-8.incomplete*'))   # set aside, not deleted
 
 def test_resume_refuses_a_changed_adapter(tmp_path):
     killed = run(tmp_path, kill_at=4); assert killed.returncode == 17
@@ -84,11 +86,14 @@ def test_existing_run_is_not_overwritten(tmp_path):
     with pytest.raises(FileExistsError, match='resume=True'): train(get_config('tiny'), str(tmp_path))
 
 def test_nan_stops_training_and_keeps_the_last_checkpoint(tmp_path):
-    from qlora_nb.loading import load_model, load_tokenizer
+    from qlora_nb.loading import load_model
+    from qlora_nb.models import load_tokenizer
     from qlora_nb.peft_model import create_peft_model
+    from qlora_nb.fast_path import speed_up
     cfg = get_config('tiny', max_steps=8, save_steps=2, eval_steps=1000, logging_steps=1)
     tok = load_tokenizer(cfg, verbose=False)
     model = create_peft_model(load_model(cfg, tok), cfg)
+    speed_up(model, cfg, verbose=False)
     layer = model.base_model.model.model.layers[1].mlp
     state = {}
     layer.register_forward_hook(lambda m, i, o: o * float('nan') if state['t'].state.global_step == 4 else o)
@@ -104,15 +109,15 @@ def test_bitsandbytes_optimizers_step_with_one_wait_and_the_same_arithmetic(tmp_
     "The Trainer's bitsandbytes optimizer is bitsandbytes' class with a step that waits for the GPU once (`one_sync_optimizer`, under `flat_optimizer`); the weights it makes are bitsandbytes' own, bit for bit (8-bit states, on the CPU)."
     import bitsandbytes as bnb
     from transformers import TrainingArguments
-    from qlora_nb.training import QLoRATrainer, one_sync_optimizer
-    cls, kwargs = QLoRATrainer.get_optimizer_cls_and_kwargs(TrainingArguments(output_dir=str(tmp_path), optim='paged_adamw_8bit', report_to=[]))
+    from qlora_nb.fast_path import FastTrainer, one_sync_optimizer
+    cls, kwargs = FastTrainer.get_optimizer_cls_and_kwargs(TrainingArguments(output_dir=str(tmp_path), optim='paged_adamw_8bit', report_to=[]))
     assert cls.__name__ == 'AdamWFlat' and issubclass(cls, bnb.optim.AdamW) and kwargs['is_paged'] and kwargs['optim_bits'] == 8
-    assert QLoRATrainer.get_optimizer_cls_and_kwargs(TrainingArguments(output_dir=str(tmp_path), optim='adamw_torch', report_to=[]))[0] is torch.optim.AdamW
+    assert FastTrainer.get_optimizer_cls_and_kwargs(TrainingArguments(output_dir=str(tmp_path), optim='adamw_torch', report_to=[]))[0] is torch.optim.AdamW
     model = torch.nn.ModuleDict(dict(lora_A=torch.nn.Linear(256, 16, bias=False), lora_B=torch.nn.Linear(16, 256, bias=False)))
     args = TrainingArguments(output_dir=str(tmp_path), optim='paged_adamw_8bit', report_to=[])
-    assert len(QLoRATrainer.get_optimizer_cls_and_kwargs(args, model)[1]['adapters']) == 2
+    assert len(FastTrainer.get_optimizer_cls_and_kwargs(args, model)[1]['adapters']) == 2
     args.fp16 = True        # the loss scaler unscales the gradients of the tensors the optimizer holds: no flat tensor then
-    assert 'adapters' not in QLoRATrainer.get_optimizer_cls_and_kwargs(args, model)[1]
+    assert 'adapters' not in FastTrainer.get_optimizer_cls_and_kwargs(args, model)[1]
     weights = []
     for optimizer_cls in (bnb.optim.AdamW, cls):
         torch.manual_seed(0)
@@ -132,18 +137,21 @@ def test_the_trainers_adapters_step_as_one_tensor_with_bitsandbytes_arithmetic(t
     import bitsandbytes as bnb
     from transformers import Trainer
     from qlora_nb.core import seed_everything
-    from qlora_nb.loading import load_model, load_tokenizer
+    from qlora_nb.loading import load_model
+    from qlora_nb.models import load_tokenizer
     from qlora_nb.peft_model import create_peft_model
     from qlora_nb.data import build_datasets
-    from qlora_nb.training import make_trainer
+    from qlora_nb.fast_path import speed_up
+    from qlora_nb.workflow import run_trainer
     cfg = get_config('tiny', r=64, max_steps=3, logging_steps=1, eval_steps=1000, save_steps=1000, learning_rate=1e-2)
     tok = load_tokenizer(cfg); data = build_datasets(cfg, tok)
     trained = []
     for own in (False, True):
         seed_everything(cfg.seed)
         model = create_peft_model(load_model(cfg, tok), cfg)
+        speed_up(model, cfg, verbose=False)
         start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-        trainer = make_trainer(model, tok, cfg, data, str(tmp_path/str(own)))
+        trainer = run_trainer(model, tok, cfg, data, str(tmp_path/str(own)))
         trainer.args.optim = 'adamw_8bit'      # on the CPU the package picks PyTorch's AdamW; bitsandbytes' runs here too
         if own: trainer.optimizer_cls_and_kwargs = (bnb.optim.AdamW, Trainer.get_optimizer_cls_and_kwargs(trainer.args, model)[1])
         trainer.train()
@@ -164,7 +172,7 @@ def test_the_trainers_adapters_step_as_one_tensor_with_bitsandbytes_arithmetic(t
 def test_flat_adapters_follow_a_load_and_their_state_resumes():
     "An adapter given new values after the optimizer was made (a checkpoint loaded into the model) is stepped from those values and becomes a view again; the flat state saves and loads into a fresh optimizer, which then steps as the first."
     import bitsandbytes as bnb
-    from qlora_nb.training import flat_optimizer
+    from qlora_nb.fast_path import flat_optimizer
     make = lambda params: flat_optimizer(bnb.optim.AdamW)(params, lr=1e-2, optim_bits=8, weight_decay=0.0, adapters=params)
     params = [torch.nn.Parameter(torch.randn(16, 256)) for _ in range(3)]
     opt = make(params)
@@ -191,14 +199,17 @@ def test_flat_adapters_follow_a_load_and_their_state_resumes():
 def test_the_trainer_walks_the_model_less_and_clips_the_same(tmp_path):
     "While the Trainer trains, the model's train() and zero_grad() take the short way, and are the model's own again afterwards; clipping over the trainable parameters listed once gives the stock clipping's norm and gradients, bit for bit."
     from transformers import TrainerCallback
-    from qlora_nb.loading import load_model, load_tokenizer
+    from qlora_nb.loading import load_model
+    from qlora_nb.models import load_tokenizer
     from qlora_nb.peft_model import create_peft_model
     from qlora_nb.data import build_datasets
-    from qlora_nb.training import make_trainer
+    from qlora_nb.fast_path import speed_up
+    from qlora_nb.workflow import run_trainer
     cfg = get_config('tiny', max_steps=2, logging_steps=1, eval_steps=1000, save_steps=1000)
     tok = load_tokenizer(cfg)
     model = create_peft_model(load_model(cfg, tok), cfg)
-    trainer = make_trainer(model, tok, cfg, build_datasets(cfg, tok), str(tmp_path))
+    speed_up(model, cfg, verbose=False)
+    trainer = run_trainer(model, tok, cfg, build_datasets(cfg, tok), str(tmp_path))
     seen = []
     class Look(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):

@@ -11,7 +11,7 @@ PY=${PYTHON:-python3}
 VPY=.venv/bin/python
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 if ! $VPY -c "import torch" 2>/dev/null; then
-  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then $VPY -m pip install -q "torch>=2.4"
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then $VPY -m pip install -q "torch>=2.10"
   else $VPY -m pip install -q "torch==2.13.0" || $VPY -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu; fi
 fi
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} HF_DATASETS_OFFLINE=${HF_DATASETS_OFFLINE:-1} TRANSFORMERS_OFFLINE=${TRANSFORMERS_OFFLINE:-1}

@@ -3,7 +3,7 @@ no Jupyter kernel (such as a bare GPU server). Honours $QLORA_NB_GPU_MEMORY_GIB 
 notebook's peak GPU memory. Skips `#| eval: false` cells; runs `#| cuda` and `#| slow` cells
 only when their flag is given. Prints each cell's output as it goes.
 
-    python tools/run_notebook.py nbs/03_loading.ipynb [more.ipynb] [--flags cuda slow]"""
+    python tools/run_notebook.py nbs/06_loading.ipynb [more.ipynb] [--flags cuda slow]"""
 import argparse, gc, json, os, sys, time, traceback
 from pathlib import Path
 import torch

@@ -51,3 +51,21 @@ def test_runtime_requirements_leave_out_dev_pins():
     assert not any(r.startswith(('nbdev', 'fastcore', 'execnb')) for r in reqs)
     for needed in ('torch', 'transformers', 'peft', 'bitsandbytes', 'datasets', 'accelerate', 'ipywidgets', 'matplotlib'):
         assert any(re.match(needed + r'\b', r) for r in reqs), needed
+
+def test_torch_floor_has_the_security_fixes():
+    "torch.load's pickle fixes: CVE-2025-32434 (2.6) and CVE-2026-24747 (2.10); the package never allows an older torch."
+    torch_req = next(r for r in S['requirements'].split() if re.match(r'torch\b', r))
+    floor = tuple(int(p) for p in re.search(r'>=([\d.]+)', torch_req)[1].split('.'))
+    assert floor >= (2, 10), torch_req
+
+def test_the_reliability_table_names_tests_that_exist():
+    "tests/reliability.md gives the test of each fault case; a renamed or deleted test must not leave the row pointing nowhere."
+    rows = [l for l in (ROOT/'tests'/'reliability.md').read_text().splitlines() if re.match(r'\| [A-Z]\d+ \|', l)]
+    assert len(rows) == 24, len(rows)
+    for row in rows:
+        last = None
+        named = re.findall(r'`(?:(test_\w+\.py))?::(\w+)`', row) + [(f, None) for f in re.findall(r'`(test_\w+\.py)` \(all\)', row)]
+        assert named, row
+        for file, test in named:
+            last = file or last
+            assert test is None or f'def {test}(' in (ROOT/'tests'/last).read_text(), f'{row.split("|")[1].strip()}: {last}::{test} does not exist'

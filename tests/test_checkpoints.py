@@ -43,24 +43,28 @@ def run(base, tmp_path):
 
 def test_rotation_after_a_quarantine_keeps_the_sound_checkpoints(run, base):
     truncate(run/'checkpoint-8'/'adapter_model.safetensors')
+    assert checkpoint_to_resume(run, True) == run/'checkpoint-4'           # the look-up train makes: 8 is set aside
+    assert checkpoint_to_resume(run, True) == run/'checkpoint-4'           # a second look-up neither renames it again nor counts it
+    assert [p.name for p in quarantined(run)] == ['checkpoint-8.incomplete'] and names(run) == ['checkpoint-4']
     t = train(cfg_for(save_total_limit=3), str(run), resume=True)          # from checkpoint-4; writes 8 and 12 again
     assert t.state.global_step == 12
     assert names(run) == ['checkpoint-4', 'checkpoint-8', 'checkpoint-12']
     assert all(verify_checkpoint(c) is None for c in checkpoints(run))
-    assert [p.name for p in quarantined(run)] == ['checkpoint-8.incomplete']
     for f in (base[0]/'checkpoint-4').iterdir():          # the sound checkpoint is untouched, bit for bit
         assert (run/'checkpoint-4'/f.name).read_bytes() == f.read_bytes(), f.name
-    # a second resume's look-up (the one train does) neither renames the quarantined folder again nor counts it
-    assert checkpoint_to_resume(run, True) == run/'checkpoint-12'
-    assert [p.name for p in quarantined(run)] == ['checkpoint-8.incomplete'] and len(names(run)) == 3
+    assert quarantined(run) == []                         # a finished run cleans what it set aside
+
+def test_clean_quarantine_removes_only_what_was_set_aside(run):
+    truncate(run/'checkpoint-8'/'adapter_model.safetensors')
+    find_checkpoint(run, verbose=False)
     assert clean_quarantine(run) == [run/'checkpoint-8.incomplete']
-    assert quarantined(run) == [] and not (run/'checkpoint-8.incomplete').exists() and len(names(run)) == 3
+    assert quarantined(run) == [] and not (run/'checkpoint-8.incomplete').exists() and names(run) == ['checkpoint-4']
 
 def test_keep_1_after_a_quarantine_keeps_the_checkpoint_just_written(run):
     truncate(run/'checkpoint-8'/'adapter_model.safetensors')
     train(cfg_for(save_total_limit=1), str(run), resume=True)
     assert names(run) == ['checkpoint-12'] and verify_checkpoint(run/'checkpoint-12') is None
-    assert [p.name for p in quarantined(run)] == ['checkpoint-8.incomplete']
+    assert quarantined(run) == []
 
 def test_a_taken_quarantine_name_gets_a_number(tmp_path):
     for step in (4, 8):

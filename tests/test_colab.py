@@ -7,7 +7,7 @@ import pytest, torch
 import qlora_nb.checkpoints as checkpoints_module
 from qlora_nb.config import get_config, update
 from qlora_nb.workflow import train
-from qlora_nb.checkpoints import checkpoints, verify_checkpoint, write_manifest, CheckpointMirror, MANIFEST
+from qlora_nb.checkpoints import newest_checkpoint, checkpoints, verify_checkpoint, write_manifest, CheckpointMirror, MANIFEST
 from qlora_nb.memory import GPUOutOfMemoryError
 
 def lora_state(model) -> dict:
@@ -85,9 +85,11 @@ def test_mirror_survives_a_disconnect_and_a_cut_off_copy(tmp_path):
     with open(drive/'checkpoint-6'/'adapter_model.safetensors', 'r+b') as f: f.truncate(100)
     with pytest.raises(FileExistsError, match='drive.*already holds checkpoints'):
         train(cfg, str(tmp_path/'run'))                                 # never overwrite the mirror by accident
+    assert newest_checkpoint(tmp_path/'run', drive, verbose=False) == drive/'checkpoint-4'   # the look-up train makes
+    assert [p.name for p in drive.iterdir() if 'incomplete' in p.name] == ['checkpoint-6.incomplete'], 'the cut-off copy is set aside'
     resumed = train(cfg, str(tmp_path/'run'), resume=True)
     assert resumed.state.global_step == 6
-    assert [p.name for p in drive.iterdir() if 'incomplete' in p.name], 'the cut-off copy is set aside'
+    assert not [p for p in drive.iterdir() if 'incomplete' in p.name], 'a finished run cleans what it set aside'
     again = lora_state(resumed.model)
     assert all(torch.equal(final[k], again[k]) for k in final), 'resumed from checkpoint-4 of the mirror, the run ends where it did'
 

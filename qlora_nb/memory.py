@@ -4,12 +4,13 @@
 
 # %% auto #0
 __all__ = ['SHAPES', 'OPTIMIZER_STATE_BYTES', 'CUDA_CONTEXT', 'ALLOCATOR_SLACK', 'GPUS', 'GPU_CAPABILITY', 'PART_COLORS',
-           'ModelShape', 'ModelConfigUnavailable', 'resolve_model_config', 'model_shape', 'llama_config',
-           'quantized_bytes', 'compute_bytes', 'weight_bytes', 'lora_targets', 'lora_params', 'layer_activation_bytes',
-           'checkpoint_bytes', 'loss_bytes', 'backward_work_bytes', 'MemoryEstimate', 'estimate_memory',
-           'measured_peaks', 'reference_config', 'check_against_measured', 'run_estimate', 'gpu_bytes', 'fits',
-           'smallest_gpu', 'plot_memory', 'fix_config', 'cheapest_fix', 'divisors', 'fit_micro_batch',
-           'GPUOutOfMemoryError', 'smaller_micro_batch', 'out_of_memory_advice', 'auto_split']
+           'ModelShape', 'ModelConfigUnavailable', 'ArchitectureUnknown', 'resolve_model_config', 'model_shape',
+           'llama_config', 'quantized_bytes', 'compute_bytes', 'weight_bytes', 'lora_targets', 'lora_params',
+           'layer_activation_bytes', 'checkpoint_bytes', 'loss_bytes', 'backward_work_bytes', 'MemoryEstimate',
+           'estimate_memory', 'measured_peaks', 'reference_config', 'check_against_measured', 'run_estimate',
+           'gpu_bytes', 'fits', 'smallest_gpu', 'plot_memory', 'fix_config', 'cheapest_fix', 'estimate_for_gpus',
+           'divisors', 'fit_micro_batch', 'GPUOutOfMemoryError', 'smaller_micro_batch', 'out_of_memory_advice',
+           'auto_split']
 
 # %% ../nbs/14_memory.ipynb #e47254fe
 import json, math
@@ -21,7 +22,7 @@ from typing import ClassVar
 import torch
 from .core import has_cuda, gpu_memory_bytes, is_out_of_memory, GiB
 from .config import QLoRAConfig, TINY_MODEL, update, offload_wanted, fused_kernels_apply
-from .models import tiny_llama_config, load_model_config
+from .models import tiny_llama_config, load_model_config, resolve_model
 
 # %% ../nbs/14_memory.ipynb #5a48f78e
 @dataclass(frozen=True)
@@ -62,6 +63,9 @@ class ModelShape:
 class ModelConfigUnavailable(LookupError):
     "The model's config cannot be read here (for instance a Hub id that is not cached, while offline)."
 
+class ArchitectureUnknown(ModelConfigUnavailable):
+    "The config is not a Llama-style decoder's (GPT-2's, say), so there is no estimate for it."
+
 def resolve_model_config(name: str, revision: str | None = None, offline: bool = True):
     "The transformers config of `name`: the embedded tiny model, a local folder, or a Hub id (cached only, if `offline`)."
     from transformers import AutoConfig
@@ -69,6 +73,7 @@ def resolve_model_config(name: str, revision: str | None = None, offline: bool =
         config = tiny_llama_config()
         config.name_or_path = TINY_MODEL
         return config
+    if name.startswith('qlora_nb/tiny-'): name = resolve_model(name)   # the other tiny architectures, built here
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path/'config.json').is_file(): raise ModelConfigUnavailable(f"{name!r} has no config.json.")
@@ -85,6 +90,11 @@ def model_shape(model_config) -> ModelShape:
     if hasattr(model_config, 'get_text_config'): model_config = model_config.get_text_config()
     get = (model_config.get if isinstance(model_config, dict) else lambda k, default=None: getattr(model_config, k, default))
     hidden, heads = get('hidden_size'), get('num_attention_heads')
+    sizes = dict(vocab_size=get('vocab_size'), hidden_size=hidden, intermediate_size=get('intermediate_size'),
+                 num_hidden_layers=get('num_hidden_layers'), num_attention_heads=heads)
+    if missing := [k for k, v in sizes.items() if v is None]:
+        raise ArchitectureUnknown(f"The memory estimate knows Llama-style decoders (Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3). "
+                                  f"Model type {get('model_type')!r} has no {', '.join(missing)} in its config, so it has no estimate.")
     return ModelShape(vocab=get('vocab_size'), hidden=hidden, intermediate=get('intermediate_size'),
                       layers=get('num_hidden_layers'), heads=heads, kv_heads=get('num_key_value_heads') or heads,
                       head_dim=get('head_dim') or hidden // heads, tied_embeddings=bool(get('tie_word_embeddings', False)),
@@ -401,6 +411,22 @@ def cheapest_fix(model_config, cfg: QLoRAConfig, gpu, upcast_embeddings: bool = 
     return (f"To fit the {gpu_name} ({cap:.1f} GiB): {_describe_changes(cfg, fixed)}. "
             f"That needs {after.required / GiB:.1f} GiB instead of {before.required / GiB:.1f} GiB.")
 
+# %% ../nbs/14_memory.ipynb #0dd33091
+def estimate_for_gpus(cfg: QLoRAConfig, gpus=None, model_config=None) -> list:
+    "Per GPU of `gpus` (names in `GPUS`; default all): the predicted peak of `cfg`, whether it fits, and the cheapest change that makes it fit."
+    unknown = [g for g in gpus or [] if g not in GPUS]
+    if unknown: raise ValueError(f"Unknown GPU {', '.join(map(repr, unknown))}: choose from {', '.join(GPUS)}.")
+    config = model_config if model_config is not None else load_model_config(cfg)   # config.json only, no weights
+    shape = model_shape(config)    # raises ArchitectureUnknown for a model it has no formula for
+    rows = []
+    for gpu in gpus or GPUS:
+        fused = fused_kernels_apply(cfg, getattr(config, 'model_type', ''), GPU_CAPABILITY[gpu])[0]
+        e = run_estimate(shape, cfg, fused_kernels=fused)
+        rows.append(dict(gpu=gpu, usable_gib=round(GPUS[gpu] / GiB, 1), peak_gib=round(e.peak / GiB, 2),
+                         needs_gib=round(e.required / GiB, 2), fits=fits(e, gpu),
+                         change='' if fits(e, gpu) else cheapest_fix(shape, cfg, gpu, fused_kernels=fused)))
+    return rows
+
 # %% ../nbs/14_memory.ipynb #2ae2b7e1
 def divisors(n: int) -> list:
     "The whole numbers that divide `n`, largest first."
@@ -443,7 +469,10 @@ def auto_split(cfg: QLoRAConfig, longest: int | None = None, verbose: bool = Tru
     if not (cfg.auto_micro_batch and has_cuda()): return cfg
     config = load_model_config(cfg)
     fused = fused_kernels_apply(cfg, getattr(config, 'model_type', ''))[0]    # Liger's loss keeps no logits: larger splits fit
-    split = fit_micro_batch(config, cfg, gpu_memory_bytes(), longest=longest, fused_kernels=fused)
+    try: split = fit_micro_batch(config, cfg, gpu_memory_bytes(), longest=longest, fused_kernels=fused)
+    except ArchitectureUnknown as e:
+        if verbose: print(f"auto_micro_batch: keeping micro_batch={cfg.micro_batch}. {e}")
+        return cfg
     if verbose: print(f"auto_micro_batch: micro_batch={split.micro_batch} x grad_accum={split.grad_accum} fits "
                       f"{gpu_memory_bytes() / GiB:.1f} GiB by the estimate, for rows of up to {min(cfg.max_length, longest or cfg.max_length)} "
                       f"tokens (effective batch {split.effective_batch}).")

@@ -21,6 +21,7 @@ from peft import PeftModel, LoraConfig, get_peft_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import safe_open, SafetensorError
 from safetensors.torch import load_file
+from transformers.pytorch_utils import Conv1D
 
 from .core import package_version, choose_precision, has_cuda, gpu_memory_bytes, sha256_file, GiB
 from .config import QLoRAConfig, to_dict, validate
@@ -259,6 +260,10 @@ def base_config(info: dict, cfg: QLoRAConfig | None = None, allow_other_base: bo
     if cfg is None:
         if not model: raise AdapterError(f"{folder/ADAPTER_CONFIG} names no base model: pass cfg=get_config(model=...).")
         cfg = _recorded_config(info); cfg.model, cfg.revision = model, revision
+        try: resolve_model(model)     # a local base folder that has moved is named now, before anything loads
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"The base of the adapter at {folder}, {model!r}, is not here ({e}) Put it back, or name "
+                                    "where it is now: cfg=get_config(model=...).") from None
         return validate(cfg)
     if model and not (_same_model(cfg.model, model) and (cfg.revision or 'main') == (revision or 'main')):
         msg = (f"The adapter at {folder} was trained on {model!r} (revision {revision!r}, from {source}), but the base asked "
@@ -377,14 +382,19 @@ def release_memory():
     if has_cuda(): torch.cuda.empty_cache()
 
 # %% ../nbs/11_saving.ipynb #04a197d6
-def dequantize_linear4bit(layer: nn.Module, dtype: torch.dtype | None = None) -> nn.Linear:
-    "A plain `nn.Linear` holding the dequantized weights of a bitsandbytes `Linear4bit`."
+def dequantize_linear4bit(layer: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    "A plain `nn.Linear` (or the `Conv1D` it replaced) holding the dequantized weights of a bitsandbytes `Linear4bit`."
     import bitsandbytes.functional as bnbF
     data, state = layer.weight.data, layer.weight.quant_state
     if getattr(state, 'packing_format_for_cpu', False):   # undo the CPU inference layout first
         data, state = bnbF._convert_weight_packed_for_cpu_inverse(data, state)
     weight = bnbF.dequantize_4bit(data, state)
     dtype = dtype or weight.dtype
+    if issubclass(getattr(layer, 'source_cls', nn.Linear), Conv1D):   # GPT-2's layers store the transposed matrix
+        conv = Conv1D(layer.out_features, layer.in_features)
+        conv.weight = nn.Parameter(weight.T.contiguous().to(dtype), requires_grad=False)
+        if layer.bias is not None: conv.bias = nn.Parameter(layer.bias.data.to(dtype), requires_grad=False)
+        return conv
     linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device='meta')
     linear.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
     if layer.bias is not None: linear.bias = nn.Parameter(layer.bias.data.to(dtype), requires_grad=False)

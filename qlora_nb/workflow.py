@@ -23,7 +23,7 @@ from .saving import save_adapter
 from .evaluation import answer_accuracy
 from .checkpoints import (MANIFEST, keep_checkpoints, checkpoint_to_resume, check_resume_compatible,
                                   newest_checkpoint, checkpoint_step, clean_quarantine)
-from .memory import estimate_memory, auto_split, smaller_micro_batch, out_of_memory_advice, GPUOutOfMemoryError
+from .memory import estimate_memory, ModelConfigUnavailable, auto_split, smaller_micro_batch, out_of_memory_advice, GPUOutOfMemoryError
 from .fast_path import speed_up, make_fast_trainer
 from .distributed import is_main_process, prepare_trainer, check_devices, start_rank, finish_rank
 
@@ -140,7 +140,7 @@ def run_workflow(cfg: QLoRAConfig, output_dir: str | None = None, resume: bool =
     say(f"steps 1-5, model: {cfg.model} in 4 bits, {counts['trainable']:,} LoRA parameters of {counts['total']:,}")
     # under FSDP each rank holds a shard of the weights, so generating answers would need them gathered: skipped
     pairs = eval_pairs(cfg, tokenizer, n=200) if cfg.dataset == TINY_DATASET and cfg.distributed != 'fsdp' else []
-    metrics = dict(config=to_dict(cfg), manifest=manifest())
+    metrics = dict(config=to_dict(cfg), manifest=manifest(), data_format=data.format)
     def before_training(t):
         if cfg.distributed != 'none': prepare_trainer(t, cfg)
         metrics.update(_measure(t, model, tokenizer, pairs, 'before'))
@@ -160,7 +160,8 @@ def run_workflow(cfg: QLoRAConfig, output_dir: str | None = None, resume: bool =
     say(f"step 7, adapter saved to {out/'adapter'}"
         + (f"; eval loss {metrics['eval_loss_before']:.3f} -> {metrics['eval_loss_after']:.3f}" if 'eval_loss_after' in metrics else '')
         + (f"; exact answers {metrics['accuracy_before']:.0%} -> {metrics['accuracy_after']:.0%}" if pairs else ''))
-    if has_cuda(): print(f"      peak GPU memory {metrics['measured_gpu_peak_gib']:.2f} GiB measured, {metrics['predicted_gpu_peak_gib']:.2f} GiB predicted")
+    if has_cuda(): print(f"      peak GPU memory {metrics['measured_gpu_peak_gib']:.2f} GiB measured"
+                         + (f", {metrics['predicted_gpu_peak_gib']:.2f} GiB predicted" if metrics['predicted_gpu_peak_gib'] else ''))
     print(f"wrote {out/'metrics.json'} and {out/'training.png'} in {time.time() - start:.0f} s")
     return metrics
 
@@ -168,9 +169,10 @@ def _run_figures(trainer, model, monitor, start) -> dict:
     "What a finished run measured: the split that ran, tokens, time, memory (predicted and measured), the history, and whether a resume was exact."
     ran = trainer.qlora_config     # the micro-batch split that ran (auto_micro_batch, or a smaller one after running out of memory)
     fused = any(note.startswith('fused kernels: on') for note in getattr(model, 'fast_path', []))   # what speed_up switched on
-    predicted = estimate_memory(model.config, ran, fused_kernels=fused, offload=getattr(trainer, 'offload', None) is not None)
+    try: predicted = estimate_memory(model.config, ran, fused_kernels=fused, offload=getattr(trainer, 'offload', None) is not None).peak / GiB
+    except ModelConfigUnavailable as e: predicted = None; print(f"No memory estimate: {e}")   # the run's results count more
     notes = getattr(trainer, 'resume_notes', [])
-    return dict(predicted_gpu_peak_gib=round(predicted.peak / GiB, 3),
+    return dict(predicted_gpu_peak_gib=None if predicted is None else round(predicted, 3),
                 measured_gpu_peak_gib=round(torch.cuda.max_memory_allocated() / GiB, 3) if has_cuda() else None,
                 micro_batch=ran.micro_batch, grad_accum=ran.grad_accum, tokens_seen=trainer.state.num_input_tokens_seen,
                 tokens_per_second=round(trainer.state.num_input_tokens_seen / trainer.monitor_train_seconds, 1),

@@ -76,15 +76,27 @@ def checkpoint_note(output_dir) -> str:
 
 class QLoRATrainer(Trainer):
     "A `Trainer` that checks every micro-batch's raw loss before the optimizer step, and records them."
+    def _counts_tokens(self, inputs) -> bool:   # transformers 5.0 counts inside its loop, where this cannot reach
+        return (hasattr(Trainer, '_track_num_input_tokens') and self.args.include_num_input_tokens_seen == 'non_padding'
+                and 'attention_mask' in inputs and self.args.world_size == 1)
+
+    def _track_num_input_tokens(self, inputs):
+        "The Trainer would read each micro-batch's token count from the GPU, a wait each; `check_losses` reads them with the losses."
+        if not self._counts_tokens(inputs): super()._track_num_input_tokens(inputs)
+
     def training_step(self, model, inputs, num_items_in_batch=None):
+        if self._counts_tokens(inputs): self._micro_tokens = getattr(self, '_micro_tokens', []) + [inputs['attention_mask'].sum()]
         loss = super().training_step(model, inputs, num_items_in_batch)
         self._micro_losses = getattr(self, '_micro_losses', []) + [loss.detach()]
         if self.accelerator.sync_gradients: self.check_losses()    # the step's last micro-batch
         return loss
 
     def check_losses(self):
-        "Read this step's micro-batch losses from the GPU at once (one wait per step, not one per micro-batch); raise on NaN or Inf."
-        values, self._micro_losses = torch.stack(self._micro_losses).float().tolist(), []
+        "Read this step's micro-batch losses and token counts from the GPU at once (one wait per step, not one per micro-batch); raise on NaN or Inf."
+        tokens, self._micro_tokens = getattr(self, '_micro_tokens', []), []
+        read = torch.stack([l.double() for l in self._micro_losses] + [t.double() for t in tokens]).tolist()   # one wait for both
+        values, self._micro_losses = read[:len(read) - len(tokens)], []
+        self.state.num_input_tokens_seen += int(sum(read[len(values):]))
         bad = next((v for v in values if not math.isfinite(v)), None)
         if bad is not None:
             raise NonFiniteError(f"Loss is {bad} at step {self.state.global_step + 1}: training stopped before the optimizer "

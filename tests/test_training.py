@@ -9,15 +9,11 @@ from qlora_nb.workflow import train
 from qlora_nb.training import NonFiniteError
 from qlora_nb.checkpoints import find_checkpoint, verify_checkpoint, checkpoints, check_resume_compatible, MANIFEST
 
-ENV = {**os.environ, 'HF_HUB_OFFLINE': '1', 'PYTHONUNBUFFERED': '1'}
-ENV.pop('IN_TEST', None)
+from conftest import ENV
 
-def test_main_job_learns_the_task(tmp_path):
+def test_main_job_learns_the_task(main_job):
     "The command line's main job: held-out loss halves, and held-out answers go from under 10% to at least 80% right."
-    out = tmp_path/'run'
-    done = subprocess.run([Path(sys.executable).parent/'qlora-nb', 'train', '--preset', 'tiny', '--output-dir', str(out)],
-                          env=ENV, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
+    out, done = main_job
     m = json.loads((out/'metrics.json').read_text())
     print({k: m[k] for k in ('eval_loss_before', 'eval_loss_after', 'accuracy_before', 'accuracy_after', 'wall_seconds')})
     assert m['eval_loss_after'] <= 0.5 * m['eval_loss_before']
@@ -229,3 +225,15 @@ def test_the_trainer_walks_the_model_less_and_clips_the_same(tmp_path):
     assert clipped[0][0] == clipped[1][0] > 10 * cfg.max_grad_norm
     assert all(torch.equal(a, b) for a, b in zip(clipped[0][1], clipped[1][1]))
     assert max(float(p.grad.norm()) for p in trainable) < cfg.max_grad_norm + 1e-6
+
+def test_tokens_are_counted_with_the_losses_and_match_the_trainers_own_count(tmp_path, monkeypatch):
+    "The token count joins the step's one read of its losses; it must equal what the Trainer counts one micro-batch at a time."
+    import qlora_nb.training as training
+    cfg = get_config('tiny', max_steps=5, grad_accum=3, micro_batch=8, eval_steps=1000, save_steps=1000, logging_steps=1)
+    ours = train(cfg, str(tmp_path/'ours'))
+    monkeypatch.setattr(training.QLoRATrainer, '_counts_tokens', lambda self, inputs: False)   # the Trainer's own count
+    stock = train(cfg, str(tmp_path/'stock'))
+    logged = lambda t, key: [h[key] for h in t.state.log_history if 'loss' in h]
+    assert ours.state.num_input_tokens_seen == stock.state.num_input_tokens_seen > 0
+    assert logged(ours, 'num_input_tokens_seen') == logged(stock, 'num_input_tokens_seen') and len(set(logged(ours, 'num_input_tokens_seen'))) == 5
+    assert logged(ours, 'loss') == logged(stock, 'loss')

@@ -180,7 +180,7 @@ def validate(cfg: QLoRAConfig) -> QLoRAConfig:
 # %% ../nbs/01_config.ipynb #8f14587b
 PRESETS = {
     'tiny': dict(model=TINY_MODEL, dataset=TINY_DATASET, r=16, alpha=32, dropout=0.0, max_length=32,
-                 learning_rate=3e-3, max_steps=1200, micro_batch=64, grad_accum=1, warmup_ratio=0.03,
+                 learning_rate=3e-3, max_steps=1000, micro_batch=64, grad_accum=1, warmup_ratio=0.03,
                  lr_scheduler='cosine', gradient_checkpointing=False, logging_steps=20, eval_steps=200,
                  save_steps=400, output_dir='runs/tiny'),
     'colab-t4': dict(model='Qwen/Qwen2.5-7B', dataset='yahma/alpaca-cleaned', max_length=1024, micro_batch=1,

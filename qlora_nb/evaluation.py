@@ -19,6 +19,7 @@ from .core import has_cuda
 from .config import QLoRAConfig, update
 from .data import (TrainingData, FORMAT_COLUMNS, load_records, data_format, tokenize_dataset, format_prompt,
                            response_text, render_chat, bos_text)
+from .monitor import TrainingMonitor
 from .loading import keep_cpu_layout_trainable
 from .training import make_trainer
 from .saving import (load_adapter, merge_adapter, release_memory, check_adapter, base_config, ADAPTER_CONFIG,
@@ -197,7 +198,8 @@ def evaluate_run(path, dataset: str | None = None, n_answers: int = 200) -> dict
     fmt = data_format(split.column_names, cfg.dataset_format)
     held_out, _ = tokenize_dataset(split, tokenizer, cfg, fmt, 'eval')
     with tempfile.TemporaryDirectory() as tmp:
-        loss = make_trainer(model, tokenizer, cfg, TrainingData(held_out, held_out, {}, fmt), tmp).evaluate()['eval_loss']
+        trainer = make_trainer(model, tokenizer, cfg, TrainingData(held_out, held_out, {}, fmt), tmp, TrainingMonitor(live=False))
+        loss = trainer.evaluate()['eval_loss']
     rows = split.select(range(min(n_answers, len(split))))
     pairs = [] if fmt == 'text' else [(format_prompt(r, fmt, tokenizer), response_text(r, fmt)) for r in rows]
     result = dict(adapter=str(folder), dataset=cfg.dataset, rows=len(split), eval_loss=loss, format=fmt,

@@ -2,10 +2,12 @@
 kernel on this venv's python, working directory nbs/, 1800 s per cell at most. Cells that have a `#| eval: false`,
 `#| cuda` or `#| slow` line are skipped and keep no output. Known noise is silenced before the first cell, and
 stderr, local paths, progress bars and widget state are taken out of the outputs; then tools/clean.py runs.
-A notebook whose run fails is left as it was; the script then exits non-zero.
+Figures are stored as 128-colour PNGs, about a third of the size and the same to the eye. A notebook whose run fails
+is left as it was; the script then exits non-zero.
 
-    python tools/execute.py [nbs/05_x.ipynb ...]     (default: every numbered notebook in nbs/, in order)"""
-import json, os, re, subprocess, sys, tempfile, time
+    python tools/execute.py [nbs/05_x.ipynb ...]     (default: every numbered notebook in nbs/, in order)
+    python tools/execute.py --figures-only [...]      only make the stored figures small, running nothing"""
+import base64, io, json, os, re, subprocess, sys, tempfile, time
 from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
@@ -51,8 +53,22 @@ def placeholders() -> list:
             if len(form) > 1: paths[form.rstrip('/')] = short
     return [(re.compile(re.escape(p) + r'(?![\w-])'), s) for p, s in sorted(paths.items(), key=lambda x: -len(x[0]))]
 
+def small_png(data: str) -> str:
+    "A base64 PNG as a 128-colour one, if that is smaller (plots have few colours, so nothing visible changes)."
+    from PIL import Image
+    image = Image.open(io.BytesIO(base64.b64decode(data))).convert('RGB')
+    buffer = io.BytesIO()
+    image.quantize(colors=128, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(buffer, 'PNG', optimize=True)
+    small = base64.b64encode(buffer.getvalue()).decode()
+    return small + '\n' if len(small) < len(data) else data
+
+def shrink_figures(nb):
+    for cell in nb.cells:
+        for out in cell.get('outputs', []):
+            if 'image/png' in out.get('data', {}): out.data['image/png'] = small_png(''.join(out.data['image/png']))
+
 def tidy(nb, subs):
-    "Drop stderr and progress-bar outputs; put placeholders in place of local paths in text outputs."
+    "Drop stderr and progress-bar outputs; put placeholders in place of local paths in text outputs; shrink figures."
     def sub(text):
         text = ''.join(text)
         for pattern, short in subs: text = pattern.sub(short, text)
@@ -70,6 +86,7 @@ def tidy(nb, subs):
                     if k.startswith('text/'): out.data[k] = sub(out.data[k])
             kept.append(out)
         cell.outputs = kept
+    shrink_figures(nb)
 
 def kernelspec(folder: Path):
     "A `python3` kernel spec on this venv's python, found first through $JUPYTER_PATH."
@@ -90,7 +107,14 @@ def execute(path: Path, subs) -> None:
     subprocess.run([sys.executable, root/'tools'/'clean.py', path], check=True, stdout=subprocess.DEVNULL)
 
 def main(args):
+    figures_only = '--figures-only' in args
+    args = [a for a in args if a != '--figures-only']
     paths = [Path(a).resolve() for a in args] or sorted((root/'nbs').glob('[0-9]*.ipynb'))
+    if figures_only:
+        for path in paths:
+            nb = nbformat.read(path, as_version=4); shrink_figures(nb); nbformat.write(nb, path)
+            subprocess.run([sys.executable, root/'tools'/'clean.py', path], check=True, stdout=subprocess.DEVNULL)
+        return
     os.environ.update(ENV)
     subs, failed = placeholders(), []
     with tempfile.TemporaryDirectory() as tmp:

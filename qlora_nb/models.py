@@ -51,8 +51,9 @@ def tiny_model_path() -> Path:
     if (path/'model.safetensors').exists(): return path
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=path.parent, prefix='.tiny-'))
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(tiny_llama_config()).to(torch.float32)
+    with torch.random.fork_rng(devices=[]):   # building must not move the caller's random state (its LoRA init comes next)
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(tiny_llama_config()).to(torch.float32)
     model.save_pretrained(staging)
     tiny_tokenizer().save_pretrained(staging)
     try: staging.rename(path)   # atomic: a half-built folder is never seen under the final name
@@ -82,8 +83,10 @@ def tiny_random_model(model_type: str) -> Path:
     config = tiny_config(model_type)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=path.parent, prefix='.tiny-'))
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).to(torch.float32).save_pretrained(staging)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config).to(torch.float32)
+    model.save_pretrained(staging)
     tiny_tokenizer().save_pretrained(staging)
     try: staging.rename(path)
     except OSError: shutil.rmtree(staging)

@@ -54,3 +54,11 @@ def test_the_fast_path_trains_each_architecture_as_peft_does(kind, tmp_path):
     # Adam moves each weight by about the learning rate a step whatever the gradient's size, so rounding-level gradient
     # differences show as up to ~1% of one step's move; a wrong gradient moves weights by whole steps
     for name, value in adapters[False].items(): assert torch.allclose(adapters[True][name], value, rtol=0, atol=0.05 * cfg.learning_rate), name
+
+def test_building_a_tiny_model_leaves_the_random_state_alone(tmp_path, monkeypatch):
+    "A first run builds the tiny model after seeding; the build must not change the LoRA init that follows, or a fresh machine's first run differs from every later one."
+    from qlora_nb.models import tiny_model_path, tiny_random_model
+    monkeypatch.setenv('QLORA_NB_CACHE', str(tmp_path))
+    torch.manual_seed(123); before = torch.get_rng_state()
+    first = tiny_model_path(); tiny_random_model('qwen2')
+    assert torch.equal(torch.get_rng_state(), before) and (first/'model.safetensors').is_file()

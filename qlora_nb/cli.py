@@ -139,9 +139,10 @@ def chat_command(args) -> int:
     history = []
     for line in sys.stdin:
         if not line.strip(): continue
-        reply = generate_text(model, tokenizer, prompt_text(line.rstrip('\n'), fmt, tokenizer, history), args.max_new_tokens)
+        request = line if fmt in ('completion', 'text') else line.rstrip('\n')   # raw-text prompts keep the newline typed
+        reply = generate_text(model, tokenizer, prompt_text(request, fmt, tokenizer, history), args.max_new_tokens)
         print(reply, flush=True)
-        if fmt == 'chat': history.append((line.rstrip('\n'), reply))
+        if fmt == 'chat': history.append((request, reply))
     return 0
 
 def eval_command(args) -> int:

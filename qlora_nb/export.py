@@ -5,12 +5,13 @@
 # %% auto #0
 __all__ = ['GGUF_ARCH_OF_MODEL_TYPE', 'SUPPORTED_MODEL_TYPES', 'OUT_TYPES', 'LLAMA_TENSORS', 'QWEN3_TENSORS', 'PHI3_TENSORS',
            'GPT2_TENSORS', 'GEMMA2_TENSORS', 'GEMMA3_TENSORS', 'TENSOR_TABLE_OF_MODEL_TYPE', 'PLACEHOLDER_MERGE',
-           'CHECK_PROMPTS', 'NEAR_TIE', 'gguf_tensor_name', 'rotate_half_to_interleaved', 'is_gemma', 'tensor_data',
-           'lm_head_is_embedding', 'model_tensors', 'llama3_rope_divisors', 'add_tensor', 'rope_parameters', 'head_dim',
-           'gemma_attention_scale_problem', 'unsupported_settings', 'warn_about_ignored_sliding_window',
-           'sliding_layers', 'add_hyperparameters', 'tokenizer_json', 'byte_level_step', 'bpe_merges',
-           'choose_pre_tokenizer', 'tokenizer_adds', 'vocabulary', 'read_tokenizer', 'add_tokenizer', 'model_name',
-           'write_gguf', 'load_merged', 'llama_cpp_available', 'check_gguf']
+           'SPLITS', 'CHECK_PROMPTS', 'NEAR_TIE', 'gguf_tensor_name', 'rotate_half_to_interleaved', 'is_gemma',
+           'tensor_data', 'lm_head_is_embedding', 'model_tensors', 'llama3_rope_divisors', 'add_tensor',
+           'rope_parameters', 'head_dim', 'gemma_attention_scale_problem', 'unsupported_settings',
+           'warn_about_ignored_sliding_window', 'sliding_layers', 'add_hyperparameters', 'tokenizer_json',
+           'byte_level_step', 'bpe_merges', 'split_rule', 'choose_pre_tokenizer', 'tokenizer_adds', 'vocabulary',
+           'read_tokenizer', 'add_tokenizer', 'model_name', 'write_gguf', 'load_merged', 'llama_cpp_available',
+           'check_gguf']
 
 # %% ../nbs/19_export.ipynb #55d4bc31
 import os, json, warnings, importlib.util
@@ -345,14 +346,24 @@ def bpe_merges(spec: dict) -> list[str]:
     return [m if isinstance(m, str) else ' '.join(m) for m in spec['model'].get('merges', [])]
 
 
+# The split rules of tokenizer.json files, and llama.cpp's names for the same split (Qwen2 and Qwen2.5; Llama 3)
+SPLITS = {r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": 'qwen2',
+          r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": 'llama-bpe'}
+
+def split_rule(pre_tokenizer: dict) -> str | None:
+    "The regex of the Split step that comes before ByteLevel in a pre-tokenizer Sequence, or None."
+    steps = pre_tokenizer.get('pretokenizers', []) if pre_tokenizer.get('type') == 'Sequence' else []
+    return next((s['pattern'].get('Regex') for s in steps if s.get('type') == 'Split'), None)
+
 def choose_pre_tokenizer(spec: dict, merges: list[str], tokenizer_pre: str | None) -> str:
     """llama.cpp's name for the split it makes before BPE. With no merges every byte is its own token
     whatever the split (checked for all of llama.cpp's common names), so any name gives the HF ids; an NFC
     normalizer (transformers gives the tiny Qwen2 one) changes only text not already in NFC form.
-    'gpt-2' is GPT-2's own regex, which is also right for a plain ByteLevel tokenizer with merges."""
+    With merges, the split decides the tokens: GPT-2's own regex, or one of `SPLITS`."""
     if tokenizer_pre: return tokenizer_pre
-    pre = spec.get('pre_tokenizer') or {}
-    if not merges and spec.get('normalizer') in (None, {'type': 'NFC'}): return 'gpt-2'
+    pre, nfc_or_none = spec.get('pre_tokenizer') or {}, spec.get('normalizer') in (None, {'type': 'NFC'})
+    if not merges and nfc_or_none: return 'gpt-2'
+    if nfc_or_none and split_rule(pre) in SPLITS: return SPLITS[split_rule(pre)]
     if not spec.get('normalizer') and pre.get('type') == 'ByteLevel' and pre.get('use_regex', True): return 'gpt-2'
     raise ValueError("can't tell which llama.cpp pre-tokenizer matches this tokenizer (normalizer or custom split); "
                      "pass tokenizer_pre= (a name llama.cpp knows, e.g. 'llama-bpe', 'qwen2', 'gpt-2')")

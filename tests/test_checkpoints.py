@@ -167,18 +167,13 @@ def test_a_broken_adapter_config_or_run_record_is_named(run, base):
     with pytest.raises(ValueError, match=r'checkpoint-8/adapter_config.json is not valid JSON'):
         check_resume_compatible(c, base[1])
     shutil.copy(run/'checkpoint-4'/'adapter_config.json', c/'adapter_config.json')
-    (c/RUN_RECORD).write_text('{"config": '); reseal(c)
-    with pytest.raises(ValueError, match=rf'checkpoint-8/{RUN_RECORD} is not valid JSON'):
-        check_resume_compatible(c, base[1])
-    (c/RUN_RECORD).write_text('[1, 2]'); reseal(c)
-    with pytest.raises(ValueError, match=rf'{RUN_RECORD} does not hold a JSON object'):
-        check_resume_compatible(c, base[1])
-    (c/RUN_RECORD).write_text('{"config": 1}'); reseal(c)
-    with pytest.raises(ValueError, match=rf'{RUN_RECORD} is not a run record'):
-        check_resume_compatible(c, base[1])
-    (c/RUN_RECORD).write_text('{"config": {}, "base": {"model": "x", "fingerprint": []}}'); reseal(c)
-    with pytest.raises(ValueError, match=rf'{RUN_RECORD} is not a run record'):
-        check_resume_compatible(c, base[1])
+    for text, message in (('{"config": ', rf'checkpoint-8/{RUN_RECORD} is not valid JSON'),
+                          ('[1, 2]', rf'{RUN_RECORD} does not hold a JSON object'),
+                          ('{"config": 1}', rf'{RUN_RECORD} is not a run record'),
+                          ('{"config": {}, "base": {"model": "x", "fingerprint": []}}', rf'{RUN_RECORD} is not a run record')):
+        (c/RUN_RECORD).write_text(text); reseal(c)
+        with pytest.raises(ValueError, match=message):
+            check_resume_compatible(c, base[1])
 
 class Trap:
     "A pickle that, if ever unpickled, creates a file."
